@@ -1,0 +1,157 @@
+"""Settings: defaults < data/config.json < environment (EASEL_*) < command line.
+
+Each key is validated on its own so one bad value in config.json names itself instead of
+stopping the app with a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pipelines.registry import ModelPaths
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BUILTIN_MODELS_DIR = PROJECT_ROOT / "assets" / "tinyworld"
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = PROJECT_ROOT / "data"
+    models_dir: Path | None = None  # default: data_dir/models
+    embeddings_dir: Path | None = None  # default: data_dir/embeddings
+    device: str = "auto"
+    precision: str = "auto"
+    ram_cache_gb: float = 4.0
+    online: bool = False
+    port: int = 7860
+    listen: bool = False
+    share: bool = False
+    auth: str | None = None
+    auth_file: Path | None = None
+    api: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device '{self.device}' is not one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.ram_cache_gb <= 4096:
+            raise ValueError(f"ram_cache_gb must be between 0 and 4096, got {self.ram_cache_gb}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be between 1 and 65535, got {self.port}")
+        if self.auth is not None and ":" not in self.auth:
+            raise ValueError("auth must look like user:password (several separated by commas)")
+
+    # Derived paths: one place decides where things live inside the data dir.
+    @property
+    def models_root(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
+
+    @property
+    def embeddings_root(self) -> Path:
+        return self.embeddings_dir or self.data_dir / "embeddings"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def cache_file(self) -> Path:
+        return self.data_dir / "cache.json"
+
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / "config.json"
+
+    def paths(self) -> ModelPaths:
+        return ModelPaths(models_dir=self.models_root, embeddings_dir=self.embeddings_root,
+                          builtin_dir=BUILTIN_MODELS_DIR)
+
+    def ram_cache_bytes(self) -> int:
+        return int(self.ram_cache_gb * (1 << 30))
+
+    @classmethod
+    def from_sources(cls, argv: Sequence[str] | None = None,
+                     environ: Mapping[str, str] | None = None) -> "Settings":
+        environ = os.environ if environ is None else environ
+        cli = vars(build_arg_parser().parse_args(argv))
+        data_dir = Path(cli.get("data_dir") or environ.get("EASEL_DATA_DIR") or cls.data_dir)
+        values: dict[str, Any] = {}
+        values.update(_read_config_file(data_dir / "config.json"))
+        values.update(_from_environ(environ))
+        values.update({k: v for k, v in cli.items() if v is not None})
+        values["data_dir"] = data_dir
+        return cls(**_coerce(values))
+
+    def with_overrides(self, **changes: Any) -> "Settings":
+        return replace(self, **_coerce(changes))
+
+
+_FIELD_TYPES = {"data_dir": Path, "models_dir": Path, "embeddings_dir": Path, "auth_file": Path,
+                "ram_cache_gb": float, "port": int, "online": bool, "listen": bool,
+                "share": bool, "api": bool, "device": str, "precision": str, "auth": str}
+
+
+def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
+    known = {f.name for f in fields(Settings)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            continue  # config.json also holds UI options that are not start-up settings
+        kind = _FIELD_TYPES[key]
+        if value is None:
+            out[key] = None
+        elif kind is bool:
+            out[key] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                out[key] = kind(value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"setting '{key}': cannot read {value!r} as {kind.__name__}") from exc
+    return out
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); fix or delete it") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    out = {}
+    for f in fields(Settings):
+        key = "EASEL_" + f.name.upper()
+        if key in environ:
+            out[f.name] = environ[key]
+    return out
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """Every flag defaults to None so that 'not given' can be told from 'given the default'."""
+    p = argparse.ArgumentParser(prog="easel", description="Easel: a web studio for Stable Diffusion")
+    p.add_argument("--port", type=int)
+    p.add_argument("--listen", action="store_true", default=None, help="bind 0.0.0.0 instead of 127.0.0.1")
+    p.add_argument("--share", action="store_true", default=None, help="create a public Gradio share link")
+    p.add_argument("--auth", help="user:pass[,user2:pass2]")
+    p.add_argument("--auth-file", dest="auth_file", help="file with user:pass lines")
+    p.add_argument("--api", action="store_true", default=None, help="enable the A1111-compatible REST API")
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--models-dir", dest="models_dir", help="an A1111 models/ folder to use as is")
+    p.add_argument("--embeddings-dir", dest="embeddings_dir")
+    p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--ram-cache-gb", dest="ram_cache_gb", type=float)
+    p.add_argument("--online", action="store_true", default=None,
+                   help="allow Hugging Face downloads (off by default)")
+    return p
