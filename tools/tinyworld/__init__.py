@@ -1,0 +1,1 @@
+"""Tiny-world: the synthetic world, its trainer and evaluator."""
