@@ -1,0 +1,17 @@
+"""AppContext: everything a tab needs, passed in explicitly (no global `shared` module)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.settings import Settings
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    registry: Any  # pipelines.registry.ModelRegistry
+    manager: Any  # pipelines.manager.PipelineManager
+    jobs: Any  # pipelines.jobs.JobQueue
+    outputs: Any  # pipelines.outputs.OutputStore
+    presets: list = field(default_factory=list)  # ui.presets.Preset, for per-model defaults

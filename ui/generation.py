@@ -1,0 +1,85 @@
+"""Run a request through the job queue and stream it to Gradio: progress to gr.Progress,
+live previews into the gallery, then the saved images and their generation info."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+
+from pipelines.jobs import Progress
+from pipelines.request import GenerationRequest, GenerationResult
+from ui.errors import user_error
+
+PREVIEW_INTERVAL_S = 0.3  # at most ~3 preview frames a second go over the websocket
+
+
+def stream_job(jobs: Any, request: GenerationRequest, owner: str,
+               progress: Callable[..., Any] | None = None) -> Iterator[tuple[Any, Any]]:
+    """Yields (gallery, generation_info) pairs: previews first (info skipped), then the result.
+    Leaving early (the browser went away, Gradio cancelled) cancels the job."""
+    job = jobs.submit(request, owner)
+    last_preview = 0.0
+    try:
+        for event in job.events():
+            if progress is not None:
+                progress(event.fraction, desc=describe(event))
+            now = time.monotonic()
+            if event.preview is not None and now - last_preview >= PREVIEW_INTERVAL_S:
+                last_preview = now
+                yield [event.preview], gr.skip()
+        result = job.result()
+    except Exception as exc:
+        raise user_error(exc) from exc
+    finally:
+        if not job.finished:
+            job.cancel()
+    yield gallery_items(result), generation_info(request, result)
+
+
+def describe(event: Progress) -> str:
+    text = f"step {event.step}/{event.total_steps}"
+    if event.batch_count > 1:
+        text = f"batch {event.batch_index + 1}/{event.batch_count}, {text}"
+    return text
+
+
+def gallery_items(result: GenerationResult) -> list:
+    """The saved files when there are any (their PNG keeps the infotext for downloads),
+    else the images themselves."""
+    if result.paths and len(result.paths) == len(result.images):
+        return [str(path) for path in result.paths]
+    return list(result.images)
+
+
+def generation_info(request: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
+    """What the UI and gradio_client callers get next to the images (the infotext JSON)."""
+    info = {
+        "task": request.task,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "checkpoint": request.checkpoint,
+        "vae": request.vae,
+        "sampler": request.sampler,
+        "schedule": request.schedule,
+        "steps": request.steps,
+        "cfg_scale": request.cfg_scale,
+        "width": request.width,
+        "height": request.height,
+        "seed": result.seeds[0] if result.seeds else request.seed,
+        "seeds": list(result.seeds),
+        "infotexts": list(result.infotexts),
+        "paths": [str(path) for path in result.paths],
+        "interrupted": result.interrupted,
+    }
+    if request.task != "txt2img":
+        info["denoising_strength"] = request.denoising_strength
+    return info
+
+
+def infotext_at(info: Any, index: int | None) -> str:
+    if not isinstance(info, dict) or not info.get("infotexts"):
+        return ""
+    texts = info["infotexts"]
+    index = index if index is not None and 0 <= index < len(texts) else 0
+    return texts[index]

@@ -1,0 +1,36 @@
+"""The whole UI: top bar, tabs, cross-tab wiring. Returns the Blocks and its component registry."""
+from __future__ import annotations
+
+import gradio as gr
+
+from ui import img2img, png_info, settings_tab, topbar, transfers, txt2img
+from ui.components import ComponentRegistry
+from ui.context import AppContext
+
+# Gradio 6 takes theme and css at launch(); app.main passes these.
+CSS = """
+#txt2img_generate, #img2img_generate { min-height: 5.5em; }
+#easel_topbar { align-items: end; }
+"""
+
+
+def launch_style() -> dict:
+    return {"theme": gr.themes.Default(primary_hue="orange"), "css": CSS}
+
+
+def build_ui(ctx: AppContext) -> tuple[gr.Blocks, ComponentRegistry]:
+    reg = ComponentRegistry()
+    with gr.Blocks(title="Easel", analytics_enabled=False) as blocks:
+        topbar.build(ctx, reg)
+        with gr.Tabs(selected="txt2img") as tabs:
+            reg.add("tabs", tabs)
+            txt2img.build(ctx, reg)
+            img2img.build(ctx, reg)
+            png_info.build(ctx, reg)
+            settings_tab.build(ctx, reg)
+        topbar.wire(ctx, reg)
+        transfers.build(ctx, reg)
+    # One device: generation events share the "device" concurrency group (limit 1); the job
+    # queue serialises device work again underneath for the REST API and tests.
+    blocks.queue(max_size=64)
+    return blocks, reg

@@ -1,0 +1,101 @@
+"""Form values (a dict keyed by field name) -> GenerationRequest. No Gradio here, so the UI's
+mapping is testable on its own and the same names serve the gradio_client API."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+from pipelines.request import GenerationRequest
+
+COMMON_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale",
+                 "width", "height", "seed", "batch_count", "batch_size")
+MODEL_FIELDS = ("checkpoint", "vae")
+TXT2IMG_FIELDS = COMMON_FIELDS
+IMG2IMG_FIELDS = COMMON_FIELDS + (
+    "mode", "init_image", "inpaint_image", "mask", "denoising_strength", "resize_mode", "mask_blur",
+    "inpainting_fill", "inpaint_area", "inpaint_full_res_padding", "inpainting_mask_invert")
+
+IMG2IMG_MODES = ("img2img", "inpaint")
+INPAINT_AREAS = ("Whole picture", "Only masked")
+
+
+def txt2img_request(values: Mapping[str, Any]) -> GenerationRequest:
+    return GenerationRequest(task="txt2img", **_common(values))
+
+
+def img2img_request(values: Mapping[str, Any]) -> GenerationRequest:
+    mode = values.get("mode") or "img2img"
+    if mode not in IMG2IMG_MODES:
+        raise ValueError(f"mode must be one of {', '.join(IMG2IMG_MODES)}, got '{mode}'")
+    area = values.get("inpaint_area") or INPAINT_AREAS[0]
+    if area not in INPAINT_AREAS:
+        raise ValueError(f"inpaint area must be one of {', '.join(INPAINT_AREAS)}, got '{area}'")
+    init_image = values.get("init_image")
+    mask = None
+    if mode == "inpaint":
+        drawn_on, drawn_mask = split_editor_value(values.get("inpaint_image"))
+        init_image = drawn_on or init_image
+        uploaded = values.get("mask")
+        mask = uploaded.convert("L") if uploaded is not None else drawn_mask
+    return GenerationRequest(
+        task=mode, init_image=init_image, mask=mask,
+        denoising_strength=_number(values, "denoising_strength", float, 0.75),
+        resize_mode=values.get("resize_mode") or "just resize",
+        mask_blur=_number(values, "mask_blur", int, 4),
+        inpainting_fill=values.get("inpainting_fill") or "original",
+        inpaint_full_res=area == "Only masked",
+        inpaint_full_res_padding=_number(values, "inpaint_full_res_padding", int, 32),
+        inpainting_mask_invert=bool(values.get("inpainting_mask_invert")),
+        **_common(values))
+
+
+def split_editor_value(value: Any) -> tuple[Image.Image | None, Image.Image | None]:
+    """A gr.ImageEditor value -> (background image, mask). The mask is white wherever any
+    layer was painted (alpha > 0), whatever the brush colour; None when nothing is painted."""
+    if not value:
+        return None, None
+    background = value.get("background")
+    layers = [layer for layer in value.get("layers") or [] if layer is not None]
+    if background is None:
+        return None, None
+    painted = np.zeros((background.height, background.width), dtype=bool)
+    for layer in layers:
+        alpha = np.asarray(layer.convert("RGBA").resize(background.size))[..., 3]
+        painted |= alpha > 0
+    mask = Image.fromarray((painted * 255).astype(np.uint8), "L") if painted.any() else None
+    return background.convert("RGB"), mask
+
+
+def _common(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt": values.get("prompt") or "",
+        "negative_prompt": values.get("negative_prompt") or "",
+        "checkpoint": values.get("checkpoint") or None,
+        "vae": values.get("vae") or "Automatic",
+        "sampler": values.get("sampler") or "Euler a",
+        "schedule": values.get("schedule") or "Automatic",
+        "steps": _number(values, "steps", int, 20),
+        "cfg_scale": _number(values, "cfg_scale", float, 7.0),
+        "width": _number(values, "width", int, 512),
+        "height": _number(values, "height", int, 512),
+        "seed": _number(values, "seed", int, -1),
+        "batch_count": _number(values, "batch_count", int, 1),
+        "batch_size": _number(values, "batch_size", int, 1),
+    }
+
+
+def _number(values: Mapping[str, Any], name: str, kind: type, default: float | int):
+    value = values.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name.replace('_', ' ')} must be a number, got {value!r}") from None
+    if kind is int:
+        if not number.is_integer():
+            raise ValueError(f"{name.replace('_', ' ')} must be a whole number, got {value!r}")
+        return int(number)
+    return number

@@ -1,0 +1,60 @@
+"""txt2img tab. Its Generate button is the public `txt2img` API endpoint."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import gradio as gr
+
+from ui import forms
+from ui.components import ComponentRegistry
+from ui.context import AppContext
+from ui.errors import user_error
+from ui.generation import stream_job
+from ui.request_builder import MODEL_FIELDS, TXT2IMG_FIELDS, txt2img_request
+from ui.topbar import preset_for_checkpoint
+
+TAB = "txt2img"
+
+
+def owner_of(request: gr.Request | None) -> str:
+    """Jobs belong to the browser session (or gradio_client session) that started them."""
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
+def build(ctx: AppContext, reg: ComponentRegistry) -> None:
+    preset = preset_for_checkpoint(ctx, reg["checkpoint"].value)
+    with gr.Tab("txt2img", id=TAB):
+        forms.prompt_area(reg, TAB)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                forms.sampling_controls(reg, TAB, preset)
+            with gr.Column(scale=1):
+                forms.results_panel(reg, TAB, {"send_to_img2img": "Send to img2img"})
+    forms.wire_form(reg, TAB)
+
+    def txt2img(request: gr.Request, progress=gr.Progress(), **values: Any) -> Iterator[tuple]:
+        """Generate images from a prompt.
+
+        Parameters: prompt, negative_prompt, sampler (A1111 name, e.g. "Euler a"), schedule
+        ("Automatic", "Karras", ...), steps, cfg_scale, width, height (multiples of 8), seed (-1:
+        random), batch_count, batch_size, checkpoint (label, name, title or hash; empty: the
+        selected default), vae ("Automatic", "None" or a VAE name).
+        Returns the gallery images (PNG files with A1111 infotext) and a JSON object with the
+        request, the seeds, the infotexts and the saved paths.
+        """
+        try:
+            generation = txt2img_request(values)
+        except ValueError as exc:
+            raise user_error(exc) from exc
+        yield from stream_job(ctx.jobs, generation, owner_of(request), progress)
+
+    reg[f"{TAB}.generate"].click(
+        txt2img,
+        inputs_kwargs=reg.keyword_inputs(TXT2IMG_FIELDS, prefix=f"{TAB}.") | reg.keyword_inputs(MODEL_FIELDS),
+        outputs=reg.many(f"{TAB}.gallery", f"{TAB}.generation_info"),
+        api_name="txt2img", concurrency_id="device", concurrency_limit=1)
+
+    def interrupt(request: gr.Request) -> None:
+        ctx.jobs.cancel(owner_of(request))
+
+    reg[f"{TAB}.interrupt"].click(interrupt, api_visibility="private", queue=False)
