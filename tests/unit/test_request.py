@@ -1,0 +1,45 @@
+import pytest
+from PIL import Image
+
+from pipelines.request import GenerationRequest
+
+
+def test_defaults_are_valid_and_sampler_names_are_canonical():
+    r = GenerationRequest(prompt="a cat", sampler="DPM++ 2M Karras", schedule="Automatic")
+    assert (r.sampler, r.schedule) == ("DPM++ 2M", "Karras")
+    assert r.total_images == 1
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(width=100), "width must be a multiple of 8"),
+    (dict(height=4100), "height must be a multiple of 8"),
+    (dict(steps=0), "steps must be between"),
+    (dict(seed=-5), "seed must be -1"),
+    (dict(batch_size=0), "batch size"),
+    (dict(denoising_strength=1.5), "denoising strength"),
+    (dict(task="img2img"), "needs an init image"),
+    (dict(task="inpaint", init_image=Image.new("RGB", (64, 64))), "needs a mask"),
+    (dict(task="paint"), "task must be one of"),
+    (dict(resize_mode="stretch"), "resize mode"),
+    (dict(inpainting_fill="latent noise"), "masked content"),
+    (dict(sampler="Restart"), "Restart"),
+    (dict(sampler="No Such Sampler"), "No Such Sampler"),
+])
+def test_bad_input_gives_a_specific_message(changes, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationRequest(**changes)
+
+
+def test_json_round_trip_keeps_images_and_fields():
+    init = Image.new("RGB", (64, 48), (10, 200, 30))
+    mask = Image.new("L", (64, 48), 255)
+    r = GenerationRequest(task="inpaint", prompt="p", init_image=init, mask=mask, resize_mode=1, seed=42)
+    assert r.resize_mode == "crop and resize"
+    back = GenerationRequest.from_dict(r.to_dict())
+    assert back == r
+    assert back.init_image.tobytes() == init.tobytes() and back.mask.tobytes() == mask.tobytes()
+
+
+def test_unknown_fields_are_rejected_by_name():
+    with pytest.raises(ValueError, match="colour"):
+        GenerationRequest.from_dict({"prompt": "x", "colour": "red"})
