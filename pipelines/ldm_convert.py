@@ -14,6 +14,7 @@ LDM UNet numbering, with L = layers_per_block:
                             `.1` attention, upsampler on the last layer at `.1` (no attention)
                             or `.2` (after the attention)
 """
+import json
 import re
 from pathlib import Path
 
@@ -297,4 +298,21 @@ def save_ldm_checkpoint(path, state_dict: dict, metadata: dict | None = None) ->
         raise ValueError(f"safetensors metadata must map str to str; convert {bad} to strings first.")
     path = Path(path)
     save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, str(path), metadata=metadata)
+    _sort_header_metadata(path)
     return path
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """safetensors writes metadata in hash-map order, so the same model gives different bytes (and
+    A1111 hashes) on every save; rewrite the header in place with the metadata keys sorted."""
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        metadata = header.pop("__metadata__", None)
+        ordered = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+        ordered.update(header)
+        encoded = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(encoded) > size:  # not expected: same content; leave the valid file as written
+            return
+        handle.seek(8)
+        handle.write(encoded.ljust(size, b" "))  # safetensors pads its header with spaces too

@@ -21,7 +21,9 @@ from pipelines.ldm_convert import (
     unet_to_ldm,
     vae_to_ldm,
 )
-from tests.factories import TINYWORLD_CONFIG_DIR, tiny_components
+from pipelines.arch import Arch
+from pipelines.configs import config_dir
+from tests.factories import tiny_components
 
 SD15_UNET = {
     "block_out_channels": [320, 640, 1280, 1280],
@@ -117,7 +119,7 @@ def test_tiny_text_encoder_round_trips_through_diffusers_loader(tiny, tiny_ldm):
     original = tiny["text_encoder"].state_dict()
     assert len([k for k in tiny_ldm if k.startswith(CLIP_PREFIX)]) == len(original)
     loaded = create_diffusers_clip_model_from_ldm(
-        CLIPTextModel, tiny_ldm, subfolder="text_encoder", config=str(TINYWORLD_CONFIG_DIR), local_files_only=True
+        CLIPTextModel, tiny_ldm, subfolder="text_encoder", config=str(config_dir(Arch.TINYWORLD)), local_files_only=True
     )
     assert_same_tensors(loaded.state_dict(), original)
 
@@ -269,3 +271,16 @@ def test_save_ldm_checkpoint_rejects_non_string_metadata(tmp_path):
     with pytest.raises(ValueError, match="metadata"):
         save_ldm_checkpoint(tmp_path / "x.safetensors", {"a": torch.zeros(1)}, {"steps": 3})
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_save_ldm_checkpoint_is_byte_identical_for_the_same_input(tmp_path):
+    # safetensors orders metadata by hash map; we sort it so file hashes (A1111 AutoV2) are stable.
+    tensors = {"a": torch.arange(4.0), "b": torch.ones(2, 2, dtype=torch.float16)}
+    metadata = {f"key{i}": str(i) for i in range(12)}
+    first = save_ldm_checkpoint(tmp_path / "1.safetensors", tensors, metadata).read_bytes()
+    for attempt in range(3):
+        again = save_ldm_checkpoint(tmp_path / f"{attempt}-again.safetensors", tensors, dict(reversed(metadata.items())))
+        assert again.read_bytes() == first
+    with safe_open(str(tmp_path / "1.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == metadata
+        assert torch.equal(handle.get_tensor("b"), tensors["b"])
