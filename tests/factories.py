@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipelines.arch import Arch
+from pipelines.configs import config_dir
 from pipelines.ldm_convert import (
     CLIP_PREFIX,
     UNET_PREFIX,
@@ -21,10 +23,11 @@ from pipelines.ldm_convert import (
     vae_to_ldm,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TINYWORLD_CONFIG_DIR = REPO_ROOT / "pipelines" / "configs" / "tinyworld"
-SD1_CONFIG_DIR = REPO_ROOT / "pipelines" / "configs" / "sd1"
 TINYWORLD_ARCHITECTURE = "easel/tiny-world-v1"
+
+
+def _arch_dir(arch_dir: Path | None, arch: Arch = Arch.TINYWORLD) -> Path:
+    return Path(arch_dir) if arch_dir is not None else config_dir(arch)
 
 
 def _seeded_build(seed: int, build):
@@ -34,38 +37,38 @@ def _seeded_build(seed: int, build):
         return build()
 
 
-def tiny_unet(seed: int = 0, arch_dir: Path = TINYWORLD_CONFIG_DIR):
+def tiny_unet(seed: int = 0, arch_dir: Path | None = None):
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(Path(arch_dir) / "unet")
+    config = UNet2DConditionModel.load_config(_arch_dir(arch_dir) / "unet")
     return _seeded_build(seed, lambda: UNet2DConditionModel.from_config(config)).eval()
 
 
-def tiny_vae(seed: int = 0, arch_dir: Path = TINYWORLD_CONFIG_DIR):
+def tiny_vae(seed: int = 0, arch_dir: Path | None = None):
     from diffusers import AutoencoderKL
 
-    config = AutoencoderKL.load_config(Path(arch_dir) / "vae")
+    config = AutoencoderKL.load_config(_arch_dir(arch_dir) / "vae")
     return _seeded_build(seed, lambda: AutoencoderKL.from_config(config)).eval()
 
 
-def tiny_text_encoder(seed: int = 0, arch_dir: Path = TINYWORLD_CONFIG_DIR):
+def tiny_text_encoder(seed: int = 0, arch_dir: Path | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig.from_pretrained(Path(arch_dir) / "text_encoder")
+    config = CLIPTextConfig.from_pretrained(_arch_dir(arch_dir) / "text_encoder")
     return _seeded_build(seed, lambda: CLIPTextModel(config)).eval()
 
 
-def scheduler_from_config(arch_dir: Path = TINYWORLD_CONFIG_DIR):
+def scheduler_from_config(arch_dir: Path | None = None):
     import diffusers
 
-    config = json.loads((Path(arch_dir) / "scheduler" / "scheduler_config.json").read_text())
+    config = json.loads((_arch_dir(arch_dir) / "scheduler" / "scheduler_config.json").read_text())
     return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
-def tiny_components(seed: int = 0, arch_dir: Path = TINYWORLD_CONFIG_DIR) -> dict:
+def tiny_components(seed: int = 0, arch_dir: Path | None = None) -> dict:
     """Random-initialised `unet`, `vae`, `text_encoder` and the `scheduler` of the tiny-world
-    configs. Each model is seeded with `seed` on its own, so write_tiny_vae(seed=s) holds the same
-    VAE as tiny_components(seed=s)."""
+    configs (or of `arch_dir`). Each model is seeded with `seed` on its own, so
+    write_tiny_vae(seed=s) holds the same VAE as tiny_components(seed=s)."""
     return {
         "unet": tiny_unet(seed, arch_dir),
         "vae": tiny_vae(seed, arch_dir),
@@ -126,7 +129,7 @@ def _materialise_fp16(build, seed: int) -> nn.Module:
     """Build on the meta device (no memory), then allocate fp16 weights once and fill them."""
     with torch.device("meta"):
         module = build()
-    module = module.to(torch.float16).to_empty(device="cpu")
+    module = module.half().to_empty(device="cpu")
     persistent_buffers = set(module.state_dict()) - {name for name, _ in module.named_parameters()}
     if persistent_buffers:
         raise ValueError(f"{type(module).__name__} has buffers this factory does not fill: {persistent_buffers}")
@@ -134,19 +137,19 @@ def _materialise_fp16(build, seed: int) -> nn.Module:
     return module.eval()
 
 
-def write_full_size_sd15_checkpoint(path, seed: int = 0, config_dir: Path = SD1_CONFIG_DIR) -> Path:
+def write_full_size_sd15_checkpoint(path, seed: int = 0, arch_dir: Path | None = None) -> Path:
     """A random-weight fp16 single file with the real SD1.5 layout and sizes (860M UNet, CLIP-L,
     SD VAE), about 2 GB. Models are allocated one at a time in fp16 and converted to views, so
     the peak memory is about the file size."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config_dir = Path(config_dir)
-    if not (config_dir / "unet" / "config.json").is_file():
-        raise ValueError(f"No SD1 diffusers config at {config_dir}; it must hold unet/, vae/ and text_encoder/.")
-    unet_config = UNet2DConditionModel.load_config(config_dir / "unet")
-    vae_config = AutoencoderKL.load_config(config_dir / "vae")
-    text_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder")
+    arch_dir = _arch_dir(arch_dir, Arch.SD1)
+    if not (arch_dir / "unet" / "config.json").is_file():
+        raise ValueError(f"No SD1 diffusers config at {arch_dir}; it must hold unet/, vae/ and text_encoder/.")
+    unet_config = UNet2DConditionModel.load_config(arch_dir / "unet")
+    vae_config = AutoencoderKL.load_config(arch_dir / "vae")
+    text_config = CLIPTextConfig.from_pretrained(arch_dir / "text_encoder")
 
     state_dict = {}
     unet = _materialise_fp16(lambda: UNet2DConditionModel.from_config(unet_config), seed)
