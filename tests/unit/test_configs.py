@@ -217,3 +217,43 @@ def test_generator_rejects_misspelt_keys(tmp_path, monkeypatch):
     monkeypatch.setitem(build_configs.ARCHITECTURES, "sd1", broken)
     with pytest.raises(ValueError, match="cross_attn_dim"):
         build_configs.write_architecture("sd1", tmp_path)
+
+
+@pytest.mark.parametrize("arch", FULL_SIZE, ids=lambda a: a.value)
+def test_from_single_file_accepts_the_folder_offline(arch, tmp_path):
+    """What the loaders do: `config=` our folder, our tokenizers, no safety checker. All models are
+    passed in (meta device), so only the scheduler and the pipeline options come from the folder."""
+    import diffusers
+    import transformers
+    from safetensors.torch import save_file
+
+    folder = configs.config_dir(arch)
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"unused": torch.zeros(1)}, str(checkpoint))
+    parts = {"unet": _meta_unet(arch)}
+    with torch.device("meta"):
+        parts["vae"] = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(folder / "vae"))
+    for name in ("text_encoder", "text_encoder_2"):
+        if (folder / name).is_dir():
+            parts[name] = _meta_text_encoder(arch, name)
+    if arch is Arch.SDXL_REFINER:
+        parts["tokenizer_2"] = configs.load_tokenizer(pad_with_bang=True)
+    elif arch is Arch.SDXL:
+        parts.update(tokenizer=configs.load_tokenizer(), tokenizer_2=configs.load_tokenizer(pad_with_bang=True))
+    else:
+        parts.update(tokenizer=configs.load_tokenizer(), safety_checker=None, feature_extractor=None,
+                     requires_safety_checker=False)
+    pipeline_cls = diffusers.StableDiffusionXLPipeline if arch is Arch.SDXL else getattr(
+        diffusers, _json(folder / "model_index.json")["_class_name"])
+
+    pipe = pipeline_cls.from_single_file(str(checkpoint), config=str(folder), local_files_only=True, **parts)
+
+    assert pipe.unet is parts["unet"]
+    assert pipe.scheduler.config.prediction_type == ("v_prediction" if arch is Arch.SD2_V else "epsilon")
+    if arch.is_sdxl:
+        assert pipe.watermark is None
+        assert pipe.config.force_zeros_for_empty_prompt is (arch is Arch.SDXL)
+        if arch is Arch.SDXL_REFINER:
+            assert pipe.config.requires_aesthetics_score is True
+        assert pipe.tokenizer_2.pad_token_id == 0
+        assert isinstance(pipe.text_encoder_2, transformers.CLIPTextModelWithProjection)
