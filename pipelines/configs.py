@@ -14,8 +14,11 @@ from pipelines.arch import Arch
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
-_CONFIGS_ROOT = Path(__file__).resolve().parent / "configs"
 _PAD_BANG = "!"
+
+
+def _configs_root() -> Path:
+    return Path(__file__).resolve().parent / "configs"
 
 
 def config_dir(arch: Arch) -> Path:
@@ -24,13 +27,13 @@ def config_dir(arch: Arch) -> Path:
     if arch is Arch.UNKNOWN:
         raise ValueError("no bundled config for an unknown architecture; probe the model file first "
                          "or pick sd1, sd2, sdxl, ...")
-    return _CONFIGS_ROOT / arch.value
+    return _configs_root() / arch.value
 
 
 def tokenizer_dir(pad_with_bang: bool = False) -> Path:
     """The CLIP tokenizer folder: padding with <|endoftext|> (CLIP-L: SD1.x, SDXL `tokenizer`) or
     with "!" (id 0, as OpenCLIP pads: SDXL `tokenizer_2`, SD2.x)."""
-    return _CONFIGS_ROOT / "tokenizers" / ("clip-pad-bang" if pad_with_bang else "clip")
+    return _configs_root() / "tokenizers" / ("clip-pad-bang" if pad_with_bang else "clip")
 
 
 def load_tokenizer(pad_with_bang: bool = False) -> "CLIPTokenizer":
