@@ -183,6 +183,23 @@ def test_full_size_unet_layouts_round_trip_through_diffusers_converter(config):
     assert all(back[key].shape == original[key].shape for key in original)
 
 
+@pytest.mark.parametrize("arch", [a for a in Arch if a is not Arch.UNKNOWN], ids=lambda a: a.value)
+def test_every_bundled_config_round_trips_through_diffusers_converters(arch):
+    unet = meta_unet(dict(UNet2DConditionModel.load_config(config_dir(arch) / "unet")))
+    unet_original = unet.state_dict()
+    unet_ldm = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet_original, unet.config).items()}
+    unet_back = convert_ldm_unet_checkpoint(unet_ldm, dict(unet.config))
+    assert sorted(unet_back) == sorted(unet_original)
+    assert all(unet_back[key].shape == unet_original[key].shape for key in unet_original)
+
+    vae = meta_vae(dict(AutoencoderKL.load_config(config_dir(arch) / "vae")))
+    vae_original = vae.state_dict()
+    vae_back = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae_original).items()},
+                                          dict(vae.config))
+    assert sorted(vae_back) == sorted(vae_original)
+    assert all(vae_back[key].shape == vae_original[key].shape for key in vae_original)
+
+
 def test_sd2_and_sdxl_keep_linear_projections_and_label_emb():
     sd2 = unet_to_ldm(meta_unet(SD2_UNET).state_dict(), meta_unet(SD2_UNET).config)
     assert tuple(sd2["middle_block.1.proj_in.weight"].shape) == (1280, 1280)
