@@ -68,7 +68,8 @@ def _tokenizers(arch: Arch) -> dict[str, Any]:
         return {"tokenizer": configs.load_tokenizer(), "tokenizer_2": configs.load_tokenizer(pad_with_bang=True)}
     if arch is Arch.SDXL_REFINER:
         return {"tokenizer_2": configs.load_tokenizer(pad_with_bang=True)}
-    return {"tokenizer": configs.load_tokenizer()}
+    # SD2's OpenCLIP text encoder was trained with "!" (id 0) padding, as A1111 pads it.
+    return {"tokenizer": configs.load_tokenizer(pad_with_bang=arch in (Arch.SD2, Arch.SD2_V))}
 
 
 def load_checkpoint(entry: ModelEntry, dtype: torch.dtype) -> LoadedCheckpoint:

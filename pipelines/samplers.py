@@ -135,7 +135,9 @@ _SAMPLERS = (
     # A1111 options uni_pc_variant=bh1, uni_pc_order=3, lower_order_final, skip_type time_uniform
     SamplerSpec("UniPC", ("unipc", "uni_pc"), "UniPCMultistepScheduler",
                 _ro(solver_type="bh1", solver_order=3, lower_order_final=True, predict_x0=True,
-                    final_sigmas_type="zero", use_flow_sigmas=False, thresholding=False),
+                    # bh1 divides by the log-SNR step: a final sigma of 0 makes the last step NaN.
+                    # A1111's UniPC also stops at the smallest sigma, not at 0.
+                    final_sigmas_type="sigma_min", use_flow_sigmas=False, thresholding=False),
                 schedules=_ALL),
     # LCMScheduler picks its own timesteps (it ignores timestep_spacing and has no sigma options)
     SamplerSpec("LCM", ("k_lcm", "lcm"), "LCMScheduler", _ro(clip_sample=False, thresholding=False), None),
