@@ -25,7 +25,9 @@ def short_message(exc: BaseException) -> str:
 def user_error(exc: BaseException) -> gr.Error:
     if isinstance(exc, gr.Error):
         return exc
-    expected = isinstance(exc, ValueError)
-    if not expected:
+    message = short_message(exc)
+    if isinstance(exc, ValueError):
+        log.info("refused: %s", message)
+    else:
         log.error("generation failed", exc_info=exc)
-    return gr.Error(short_message(exc), print_exception=False)
+    return gr.Error(message, print_exception=False)

@@ -38,12 +38,12 @@ def sampling_controls(reg: ComponentRegistry, tab: str, preset: Preset) -> None:
     reg.add(f"{tab}.steps", gr.Slider(1, 150, value=preset.steps, step=1, label="Sampling steps",
                                       elem_id=f"{tab}_steps"))
     with gr.Row():
-        with gr.Column(scale=4):
+        with gr.Column(scale=3):
             reg.add(f"{tab}.width", gr.Slider(64, 2048, value=preset.width, step=8, label="Width",
                                               elem_id=f"{tab}_width"))
             reg.add(f"{tab}.height", gr.Slider(64, 2048, value=preset.height, step=8, label="Height",
                                                elem_id=f"{tab}_height"))
-        with gr.Column(scale=1, min_width=120):
+        with gr.Column(scale=2, min_width=160):
             reg.add(f"{tab}.batch_count", gr.Slider(1, 100, value=1, step=1, label="Batch count",
                                                     elem_id=f"{tab}_batch_count"))
             reg.add(f"{tab}.batch_size", gr.Slider(1, 8, value=1, step=1, label="Batch size",
@@ -53,13 +53,15 @@ def sampling_controls(reg: ComponentRegistry, tab: str, preset: Preset) -> None:
     with gr.Row(equal_height=True):
         reg.add(f"{tab}.seed", gr.Number(value=-1, precision=0, minimum=-1, maximum=MAX_SEED,
                                          label="Seed (-1: random)", scale=4, elem_id=f"{tab}_seed"))
-        reg.add(f"{tab}.dice", gr.Button("🎲", scale=0, min_width=48, elem_id=f"{tab}_random_seed"))
-        reg.add(f"{tab}.recycle", gr.Button("♻️", scale=0, min_width=48, elem_id=f"{tab}_reuse_seed"))
+        reg.add(f"{tab}.dice", gr.Button("⚄", scale=0, min_width=48, elem_id=f"{tab}_random_seed"))
+        reg.add(f"{tab}.recycle", gr.Button("♻", scale=0, min_width=48, elem_id=f"{tab}_reuse_seed"))
 
 
 def results_panel(reg: ComponentRegistry, tab: str, send_buttons: dict[str, str]) -> None:
     """Gallery, the hidden generation info (JSON, part of the API result), the selected image's
-    infotext and "Send to ..." buttons (name -> label)."""
+    infotext and "Send to ..." buttons (name -> label). The progress bar shows on its own strip
+    above the gallery, so the gallery stays uncovered for the live preview."""
+    reg.add(f"{tab}.progress", gr.HTML("", min_height=48, padding=False, elem_id=f"{tab}_progress"))
     reg.add(f"{tab}.gallery", gr.Gallery(label="Output", columns=2, height=520, format="png",
                                          object_fit="contain", interactive=False, type="filepath",
                                          elem_id=f"{tab}_gallery"))

@@ -34,6 +34,8 @@ def stream_job(jobs: Any, request: GenerationRequest, owner: str,
     finally:
         if not job.finished:
             job.cancel()
+    if result.interrupted:
+        gr.Info(f"Interrupted: {len(result.images)} of {request.total_images} image(s) finished")
     yield gallery_items(result), generation_info(request, result)
 
 

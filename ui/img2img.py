@@ -47,12 +47,13 @@ def _source_images(reg: ComponentRegistry) -> None:
             reg.add(f"{TAB}.init_image", gr.Image(
                 label="Image for img2img", type="pil", image_mode="RGB", format="png", height=420,
                 sources=["upload", "clipboard"], elem_id="img2img_init_image"))
+            reg.add(f"{TAB}.send_to_inpaint", gr.Button("Send to inpaint", size="sm", elem_id="img2img_send_to_inpaint"))
         with gr.Tab("Inpaint", id="inpaint_source") as inpaint_tab:
             reg.add(f"{TAB}.inpaint_image", gr.ImageEditor(
                 # RGBA: painted layers keep their alpha, which is what the mask is made of.
                 label="Paint the area to change", type="pil", image_mode="RGBA", format="png", height=420,
                 sources=["upload", "clipboard"], transforms=(), layers=False,
-                brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
+                brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=16),
                 elem_id="img2img_inpaint_editor"))
             with gr.Accordion("Upload a mask instead (white = change)", open=False):
                 reg.add(f"{TAB}.mask", gr.Image(label="Mask", type="pil", image_mode="L", format="png",
@@ -71,6 +72,16 @@ def _source_images(reg: ComponentRegistry) -> None:
                 reg.add(f"{TAB}.inpaint_full_res_padding", gr.Slider(
                     0, 256, value=32, step=4, label="Only masked padding, pixels", elem_id="img2img_padding"))
     private = dict(api_visibility="private", queue=False)
+
+    def send_to_inpaint(image):
+        if image is None:
+            raise gr.Error("Nothing to send: upload an image first", print_exception=False)
+        return ({"background": image, "layers": [], "composite": image}, "inpaint",
+                gr.Tabs(selected="inpaint_source"))
+
+    reg[f"{TAB}.send_to_inpaint"].click(
+        send_to_inpaint, inputs=[reg[f"{TAB}.init_image"]],
+        outputs=[reg[f"{TAB}.inpaint_image"], reg[f"{TAB}.mode"], source_tabs], **private)
     img2img_tab.select(lambda: "img2img", outputs=[reg[f"{TAB}.mode"]], **private)
     inpaint_tab.select(lambda: "inpaint", outputs=[reg[f"{TAB}.mode"]], **private)
 
@@ -99,7 +110,8 @@ def _wire_generate(ctx: AppContext, reg: ComponentRegistry) -> None:
         img2img,
         inputs_kwargs=reg.keyword_inputs(IMG2IMG_FIELDS, prefix=f"{TAB}.") | reg.keyword_inputs(MODEL_FIELDS),
         outputs=reg.many(f"{TAB}.gallery", f"{TAB}.generation_info"),
-        api_name="img2img", concurrency_id="device", concurrency_limit=1)
+        api_name="img2img", concurrency_id="device", concurrency_limit=1,
+        show_progress_on=[reg[f"{TAB}.progress"]])
 
     def interrupt(request: gr.Request) -> None:
         ctx.jobs.cancel(owner_of(request))

@@ -45,7 +45,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
             allow_custom_value=True, scale=4, elem_id="checkpoint"))
         reg.add("vae", gr.Dropdown(vae_choices(ctx.registry), value="Automatic", label="SD VAE",
                                    allow_custom_value=True, scale=2, elem_id="vae"))
-        reg.add("refresh_models", gr.Button("🔄 Refresh", scale=0, min_width=100, elem_id="refresh_models"))
+        reg.add("refresh_models", gr.Button("↻ Refresh", scale=0, min_width=100, elem_id="refresh_models"))
     reg.add("preset_name", gr.State(preset_for_checkpoint(ctx, checkpoint).name))
 
 

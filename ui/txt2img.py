@@ -52,7 +52,8 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         txt2img,
         inputs_kwargs=reg.keyword_inputs(TXT2IMG_FIELDS, prefix=f"{TAB}.") | reg.keyword_inputs(MODEL_FIELDS),
         outputs=reg.many(f"{TAB}.gallery", f"{TAB}.generation_info"),
-        api_name="txt2img", concurrency_id="device", concurrency_limit=1)
+        api_name="txt2img", concurrency_id="device", concurrency_limit=1,
+        show_progress_on=[reg[f"{TAB}.progress"]])
 
     def interrupt(request: gr.Request) -> None:
         ctx.jobs.cancel(owner_of(request))
