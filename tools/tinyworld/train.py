@@ -73,16 +73,21 @@ def load_data(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stage_vae(run_dir: Path, device: str, seed: int, steps: int, batch: int, lr: float, kl_weight: float,
-              crop: int) -> None:
+              crop: int, resume: bool) -> None:
     """Train on random `crop`-pixel crops: the VAE is convolutional, and a 32px crop costs a quarter."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     images, _ = load_data(run_dir)
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIG_DIR / "vae")).to(device)
+    if resume:  # a second round on top of the saved VAE (README lists the rounds used)
+        vae = AutoencoderKL.from_pretrained(run_dir / "vae").to(device).train()
+        generator_offset = 1
+    else:
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIG_DIR / "vae")).to(device)
+        generator_offset = 0
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
-    generator = np.random.default_rng(seed)
+    generator = np.random.default_rng(seed + generator_offset)
     start = time.time()
     for step in range(1, steps + 1):
         top, left = (int(v) for v in generator.integers(0, images.shape[1] - crop + 1, size=2))
@@ -326,7 +331,7 @@ def stage_unet(run_dir: Path, device: str, seed: int, steps: int, batch: int, lr
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
         optimizer.step()
-        decay = min(0.998, (1 + step) / (10 + step))
+        decay = min(0.995, (1 + step) / (10 + step))
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), models.parameters()):
                 p_ema.lerp_(p, 1 - decay)
@@ -414,7 +419,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=150)
     parser.add_argument("--eval-pairs", type=int, default=30, help="held-out (prompt, seed) pairs per evaluation")
     parser.add_argument("--eval-steps", type=int, default=10, help="DDIM steps per evaluation sample (CFG 5)")
-    parser.add_argument("--resume", action="store_true", help="continue the UNet stage from unet_state.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="VAE: train another round on the saved VAE; UNet: continue from unet_state.pt")
     parser.add_argument("--tokenizer-dir", type=Path, default=None, help="a saved CLIPTokenizer (default: Easel's)")
     parser.add_argument("--export-from", choices=("best", "last"), default="best")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "assets" / "tinyworld" / "tinyworld.safetensors")
@@ -432,7 +438,7 @@ def main(argv=None) -> None:
             stage_data(args.run_dir, args.images, args.seed)
         elif stage == "vae":
             stage_vae(args.run_dir, args.device, args.seed, args.vae_steps, args.vae_batch, args.vae_lr, args.vae_kl,
-                      args.vae_crop)
+                      args.vae_crop, args.resume)
         elif stage == "latents":
             stage_latents(args.run_dir, args.device)
         elif stage == "unet":
