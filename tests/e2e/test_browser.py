@@ -174,3 +174,22 @@ def test_png_info_sends_parameters_to_txt2img(page, source_image, tmp_path):
     assert page.locator("#txt2img_steps input[type=number]").input_value() == "3"
     assert page.locator("#txt2img_cfg_scale input[type=number]").input_value() == "6"
     assert page.locator("#txt2img_width input[type=number]").input_value() == "64"
+
+
+def test_interrupt_stops_a_long_generation(server, page, tmp_path):
+    page.locator("#txt2img_prompt textarea").fill("a very long walk")
+    set_number(page, "txt2img_steps", 150)
+    set_number(page, "txt2img_width", 256)
+    set_number(page, "txt2img_height", 256)
+    page.locator("#txt2img_seed input").fill("808")
+    page.locator("#txt2img_generate").click()
+    # Progress appears on its strip above the gallery; then stop.
+    page.locator("#txt2img_progress").get_by_text("step", exact=False).first.wait_for(timeout=TIMEOUT_MS)
+    page.screenshot(path=str(tmp_path / "progress.png"), full_page=True)
+    page.locator("#txt2img_interrupt").click()
+    page.get_by_text("Interrupted: 1 of 1 image(s) finished").wait_for(timeout=TIMEOUT_MS)
+    text = wait_for_infotext(page, "txt2img_infotext", "Seed: 808")
+    assert "Size: 256x256" in text
+    [saved] = (server.data_dir / "outputs" / "txt2img-images").glob("*/*-808.png")
+    with Image.open(saved) as image:
+        assert image.size == (256, 256)

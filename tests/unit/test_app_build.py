@@ -314,3 +314,9 @@ def test_online_is_decided_before_settings_exist():
     assert app.online_requested(["--port", "1", "--online"], {}) is True
     assert app.online_requested([], {"EASEL_ONLINE": "true"}) is True
     assert app.online_requested(["--port", "1"], {"EASEL_ONLINE": "0"}) is False
+
+
+def test_main_refuses_bad_settings_with_a_short_message(tmp_path, capsys):
+    assert app.main(["--data-dir", str(tmp_path), "--port", "70000"]) == 2
+    assert capsys.readouterr().err.strip() == "easel: port must be between 1 and 65535, got 70000"
+    assert not (tmp_path / "outputs").exists()  # refused before anything was built
