@@ -58,7 +58,9 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
 def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[int], batch_index: int,
                progress: ProgressSink, cancel: CancelToken) -> list[Image.Image]:
     pipe = active.pipe
-    pipe.scheduler = samplers.make_scheduler(request.sampler, request.schedule, dict(pipe.scheduler.config))
+    # seed: DPM++ SDE draws its Brownian noise from it, so the same seed gives the same image.
+    pipe.scheduler = samplers.make_scheduler(request.sampler, request.schedule, dict(pipe.scheduler.config),
+                                             seed=seeds[0])
     # CPU generators: the same seed gives the same noise on every device (A1111 "RNG: CPU").
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     callback = _step_callback(active, request, batch_index, progress, cancel)

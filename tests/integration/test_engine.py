@@ -166,3 +166,10 @@ def test_every_sampler_runs_through_the_pipeline(engine):
     for name in samplers.sampler_names():
         result = run(manager, sampler=name, steps=3, seed=1, checkpoint="tinyA")
         assert np.asarray(result.images[0]).std() > 0, name
+
+
+def test_sde_sampler_is_reproducible_per_seed(engine):
+    manager, _ = engine
+    a = run(manager, sampler="DPM++ SDE", steps=3, seed=11, checkpoint="tinyA").images[0]
+    b = run(manager, sampler="DPM++ SDE", steps=3, seed=11, checkpoint="tinyA").images[0]
+    assert a.tobytes() == b.tobytes()
