@@ -1,6 +1,8 @@
 """The page in headless Chromium (Debian's chromium driven by Playwright; no browser download):
 generate from the txt2img tab, paint an inpaint mask in the browser, and carry parameters from
 PNG Info to txt2img. Screenshots land in each test's temp dir."""
+import io
+import re
 import shutil
 from pathlib import Path
 
@@ -36,7 +38,7 @@ def browser():
 
 
 @pytest.fixture()
-def page(server, browser):
+def page(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -44,6 +46,7 @@ def page(server, browser):
     page.goto(server.url, wait_until="domcontentloaded", timeout=TIMEOUT_MS)
     page.locator("#txt2img_prompt textarea").wait_for(timeout=TIMEOUT_MS)
     yield page
+    page.screenshot(path=str(tmp_path / "last.png"), full_page=True)  # for a failed test's post-mortem
     page.close()
     assert errors == []
 
@@ -99,6 +102,34 @@ def wait_for_uploads_to_settle(page, quiet_ms: int = 1500) -> None:
         page.remove_listener("requestfailed", ended)
 
 
+def editor_zoom(page, elem_id: str) -> int:
+    label = page.locator(f"#{elem_id}").get_by_text(re.compile(r"^\d+%$")).first
+    return int(label.inner_text()[:-1])
+
+
+def paint_a_stroke_through_the_middle(page, elem_id: str) -> None:
+    """Paint once the editor has fitted its new background (a stroke made while it still zooms
+    lands elsewhere in the image, or is lost), then check the paint shows on the canvas."""
+    previous = None
+    for _ in range(TIMEOUT_MS // 500):
+        zoom = editor_zoom(page, elem_id)
+        if zoom > 150 and zoom == previous:
+            break
+        previous = zoom
+        page.wait_for_timeout(500)
+    canvas = page.locator(f"#{elem_id} canvas").first
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 30, y)
+    page.mouse.down()
+    page.mouse.move(x + 30, y, steps=10)
+    page.mouse.up()
+    wait_for_uploads_to_settle(page)
+    shot = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"))
+    middle = shot[shot.shape[0] // 2 - 2: shot.shape[0] // 2 + 3, shot.shape[1] // 2 - 2: shot.shape[1] // 2 + 3]
+    assert (middle > 240).all(), "the brush stroke did not show on the editor's canvas"
+
+
 def pixels(path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB")).astype(int)
@@ -125,6 +156,14 @@ def test_generate_from_the_page(server, page, tmp_path):
     saved = list((server.data_dir / "outputs" / "txt2img-images").glob("*/*-77.png"))
     assert len(saved) == 1
 
+    # "Send to img2img" carries the image and its parameters over.
+    page.locator("#txt2img_send_to_img2img").click()
+    page.wait_for_function(
+        f"() => document.querySelector('#img2img_prompt textarea')?.value === {prompt!r}", timeout=TIMEOUT_MS)
+    assert page.locator("#img2img_seed input").input_value() == "77"
+    assert page.locator("#img2img_steps input[type=number]").input_value() == "4"
+    page.locator("#img2img_init_image img").wait_for(timeout=TIMEOUT_MS)
+
 
 def test_inpaint_with_a_mask_painted_in_the_browser(server, page, source_image, tmp_path):
     page.get_by_role("tab", name="img2img").click()
@@ -132,14 +171,7 @@ def test_inpaint_with_a_mask_painted_in_the_browser(server, page, source_image, 
     page.locator("#img2img_init_image img").wait_for(timeout=TIMEOUT_MS)
     with page.expect_response(lambda response: "/run/predict" in response.url, timeout=TIMEOUT_MS):
         page.locator("#img2img_send_to_inpaint").click()
-    page.wait_for_timeout(2000)  # the editor lays out its new background before it takes strokes
-    box = page.locator("#img2img_inpaint_editor canvas").first.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(x - 30, y)
-    page.mouse.down()
-    page.mouse.move(x + 30, y, steps=10)
-    page.mouse.up()
-    wait_for_uploads_to_settle(page)
+    paint_a_stroke_through_the_middle(page, "img2img_inpaint_editor")
 
     page.locator("#img2img_prompt textarea").fill("a boat")
     set_number(page, "img2img_steps", 2)
@@ -167,7 +199,7 @@ def test_png_info_sends_parameters_to_txt2img(page, source_image, tmp_path):
     assert text.startswith("a quiet harbour\nNegative prompt: rain\nSteps: 3, Sampler: Euler,")
     page.locator("#png_info_send_to_txt2img").click()
     page.wait_for_function(
-        "() => document.querySelector('#txt2img_prompt textarea').value === 'a quiet harbour'", timeout=TIMEOUT_MS)
+        "() => document.querySelector('#txt2img_prompt textarea')?.value === 'a quiet harbour'", timeout=TIMEOUT_MS)
     page.screenshot(path=str(tmp_path / "sent.png"), full_page=True)
     assert page.locator("#txt2img_negative_prompt textarea").input_value() == "rain"
     assert page.locator("#txt2img_seed input").input_value() == "31337"

@@ -320,3 +320,16 @@ def test_main_refuses_bad_settings_with_a_short_message(tmp_path, capsys):
     assert app.main(["--data-dir", str(tmp_path), "--port", "70000"]) == 2
     assert capsys.readouterr().err.strip() == "easel: port must be between 1 and 65535, got 70000"
     assert not (tmp_path / "outputs").exists()  # refused before anything was built
+
+
+def test_importing_app_imports_nothing_heavy():
+    """HF_HUB_OFFLINE must be set before huggingface_hub is imported, so app.py imports gradio,
+    torch and diffusers only inside main()/build_app()."""
+    import subprocess
+    import sys
+
+    code = ("import sys, app; heavy = {'gradio', 'torch', 'diffusers', 'transformers', 'huggingface_hub'}; "
+            "print(sorted(heavy & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(app.__file__).parent, capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
