@@ -24,7 +24,11 @@ create_venv() {
         exit 1
     fi
     say "creating $VENV"
-    "$python" -m venv "$VENV"
+    if ! "$python" -m venv "$VENV"; then
+        rm -rf "$VENV"
+        say "could not create the virtual environment; on Debian/Ubuntu: apt-get install python3-venv"
+        exit 1
+    fi
 }
 
 # torch first, so the rest of requirements.txt does not pull a different build. Without an
