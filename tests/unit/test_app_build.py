@@ -24,6 +24,7 @@ TXT2IMG_PARAMETERS = ["prompt", "negative_prompt", "sampler", "schedule", "steps
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     factories.write_tiny_checkpoint(root / "models" / "Stable-diffusion" / "tiny.safetensors", seed=0)
+    factories.write_tiny_vae(root / "models" / "VAE" / "warm.safetensors", seed=1)
     return root
 
 
@@ -46,8 +47,8 @@ def test_build_loads_no_model_and_starts_no_worker(built, data_dir):
     assert ctx.jobs.current() is None and ctx.jobs.queued_count() == 0
     assert not any(t.name == "easel-device-worker" for t in threading.enumerate())
     # Only folders were created: no cache.json (nothing hashed), no outputs.
-    files = [p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.is_file()]
-    assert files == ["models/Stable-diffusion/tiny.safetensors"]
+    files = sorted(p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.is_file())
+    assert files == ["models/Stable-diffusion/tiny.safetensors", "models/VAE/warm.safetensors"]
     for folder in ("outputs", "models/VAE", "models/Lora", "embeddings"):
         assert (data_dir / folder).is_dir()
 
@@ -103,11 +104,20 @@ def test_top_bar_lists_models_and_the_preset_follows_the_model(built):
     _blocks, _ctx, c = built
     assert c["checkpoint"].value == "tiny.safetensors"
     assert [choice[0] for choice in c["checkpoint"].choices][0] == "tiny.safetensors"
-    assert [choice[0] for choice in c["vae"].choices][:2] == ["Automatic", "None"]
+    assert [choice[0] for choice in c["vae"].choices] == ["Automatic", "None", "warm.safetensors"]
     # The tiny checkpoint is a tiny-world model: its preset sets the size and sampler.
     for tab in ("txt2img", "img2img"):
         assert (c[f"{tab}.width"].value, c[f"{tab}.height"].value) == (64, 64)
         assert (c[f"{tab}.sampler"].value, c[f"{tab}.steps"].value, c[f"{tab}.cfg_scale"].value) == ("Euler a", 20, 5)
+
+
+def test_preset_follows_the_checkpoint_family(built):
+    from ui.topbar import preset_for_checkpoint
+
+    _blocks, ctx, _components = built
+    assert preset_for_checkpoint(ctx, "tiny.safetensors").name == "tiny-world"
+    assert preset_for_checkpoint(ctx, "").name == "tiny-world"  # the default checkpoint's family
+    assert preset_for_checkpoint(ctx, "typed-in-nonsense").name == "default"
 
 
 # --- form values -> request ------------------------------------------------------------------
