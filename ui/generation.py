@@ -14,6 +14,12 @@ from ui.errors import user_error
 PREVIEW_INTERVAL_S = 0.3  # at most ~3 preview frames a second go over the websocket
 
 
+def owner_of(request: Any) -> str:
+    """Jobs belong to the browser session (or gradio_client session) that started them, so
+    Interrupt stops only one's own."""
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
 def stream_job(jobs: Any, request: GenerationRequest, owner: str,
                progress: Callable[..., Any] | None = None) -> Iterator[tuple[Any, Any]]:
     """Yields (gallery, generation_info) pairs: previews first (info skipped), then the result.

@@ -11,10 +11,9 @@ from ui import forms
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
-from ui.generation import stream_job
+from ui.generation import owner_of, stream_job
 from ui.request_builder import IMG2IMG_FIELDS, IMG2IMG_MODES, INPAINT_AREAS, MODEL_FIELDS, img2img_request
 from ui.topbar import preset_for_checkpoint
-from ui.txt2img import owner_of
 
 TAB = "img2img"
 

@@ -9,16 +9,11 @@ from ui import forms
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
-from ui.generation import stream_job
+from ui.generation import owner_of, stream_job
 from ui.request_builder import MODEL_FIELDS, TXT2IMG_FIELDS, txt2img_request
 from ui.topbar import preset_for_checkpoint
 
 TAB = "txt2img"
-
-
-def owner_of(request: gr.Request | None) -> str:
-    """Jobs belong to the browser session (or gradio_client session) that started them."""
-    return getattr(request, "session_hash", None) or "anonymous"
 
 
 def build(ctx: AppContext, reg: ComponentRegistry) -> None:
@@ -38,7 +33,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         Parameters: prompt, negative_prompt, sampler (A1111 name, e.g. "Euler a"), schedule
         ("Automatic", "Karras", ...), steps, cfg_scale, width, height (multiples of 8), seed (-1:
         random), batch_count, batch_size, checkpoint (label, name, title or hash; empty: the
-        selected default), vae ("Automatic", "None" or a VAE name).
+        default checkpoint), vae ("Automatic", "None" or a VAE name).
         Returns the gallery images (PNG files with A1111 infotext) and a JSON object with the
         request, the seeds, the infotexts and the saved paths.
         """
