@@ -133,6 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.warning("online mode from config.json comes too late; pass --online instead")
             else:
                 configure_environment(online=True)
+        # Gradio keeps uploads and served files in GRADIO_TEMP_DIR (default /tmp/gradio); keep
+        # them inside the data dir with everything else we write. Read when Blocks is created.
+        gradio_tmp = settings.data_dir / "tmp" / "gradio"
+        gradio_tmp.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("GRADIO_TEMP_DIR", str(gradio_tmp))
         blocks, ctx = build_app(settings)
         options = launch_options(settings)
     except ValueError as exc:

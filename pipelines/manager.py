@@ -75,19 +75,20 @@ class PipelineManager:
         return self.registry.find("vae", name)
 
     def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            ckpt = self._active_ckpt
-            vae = self._active_vae
-            return {
-                "checkpoint": ckpt.entry.label if ckpt else None,
-                "arch": ckpt.arch.value if ckpt else None,
-                "vae": vae[0].name if vae else AUTOMATIC_VAE,
-                "device": str(self.device),
-                "dtype": str(self.dtype).replace("torch.", ""),
-                "ram_cache": {"used_bytes": self.cache.current_bytes, "max_bytes": self.cache.max_bytes,
-                              "entries": [list(k) for k in self.cache.keys()]},
-                "loads": dict(self.load_counts),
-            }
+        # No lock: pipeline() holds it for a whole generation, and reading two references is
+        # safe; a snapshot taken mid-swap is at worst one swap old.
+        ckpt = self._active_ckpt
+        vae = self._active_vae
+        return {
+            "checkpoint": ckpt.entry.label if ckpt else None,
+            "arch": ckpt.arch.value if ckpt else None,
+            "vae": vae[0].name if vae else AUTOMATIC_VAE,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "ram_cache": {"used_bytes": self.cache.current_bytes, "max_bytes": self.cache.max_bytes,
+                          "entries": [list(k) for k in self.cache.keys()]},
+            "loads": dict(self.load_counts),
+        }
 
     # --- the one way to get a pipeline ------------------------------------------------------
 
