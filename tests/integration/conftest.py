@@ -29,7 +29,7 @@ def engine(tiny_models_dir, tmp_path_factory):
     return make_engine(tiny_models_dir, tmp_path_factory.mktemp("data"))
 
 
-def make_engine(models_root: Path, data_dir: Path, ram_bytes: int = 1 << 30):
+def make_engine(models_root: Path, data_dir: Path, ram_bytes: int = 1 << 30, builtin_dir: Path | None = None):
     from pipelines.cache import ModelCache
     from pipelines.hashing import HashCache
     from pipelines.manager import PipelineManager
@@ -37,7 +37,7 @@ def make_engine(models_root: Path, data_dir: Path, ram_bytes: int = 1 << 30):
     from pipelines.registry import ModelPaths, ModelRegistry
 
     paths = ModelPaths(models_dir=models_root / "models", embeddings_dir=models_root / "embeddings",
-                       builtin_dir=data_dir / "no-builtin")
+                       builtin_dir=builtin_dir or data_dir / "no-builtin")
     registry = ModelRegistry(paths, HashCache(data_dir / "cache.json"))
     registry.refresh()
     manager = PipelineManager(registry, ModelCache(ram_bytes), torch.device("cpu"), torch.float32)
