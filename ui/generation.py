@@ -91,3 +91,19 @@ def infotext_at(info: Any, index: int | None) -> str:
     texts = info["infotexts"]
     index = index if index is not None and 0 <= index < len(texts) else 0
     return texts[index]
+
+
+def wire_generate_buttons(ctx: Any, reg: Any, tab: str, handler: Callable, fields: Any,
+                          model_fields: Any, api_name: str) -> None:
+    """Generate (a public API endpoint on the shared device queue) and Interrupt for one tab."""
+    reg[f"{tab}.generate"].click(
+        handler,
+        inputs_kwargs=reg.keyword_inputs(fields, prefix=f"{tab}.") | reg.keyword_inputs(model_fields),
+        outputs=reg.many(f"{tab}.gallery", f"{tab}.generation_info"),
+        api_name=api_name, concurrency_id="device", concurrency_limit=1,
+        show_progress_on=[reg[f"{tab}.progress"]])
+
+    def interrupt(request: gr.Request) -> None:
+        ctx.jobs.cancel(owner_of(request))
+
+    reg[f"{tab}.interrupt"].click(interrupt, api_visibility="private", queue=False)

@@ -9,7 +9,7 @@ from ui import forms
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
-from ui.generation import owner_of, stream_job
+from ui.generation import owner_of, stream_job, wire_generate_buttons
 from ui.request_builder import MODEL_FIELDS, TXT2IMG_FIELDS, txt2img_request
 from ui.topbar import preset_for_checkpoint
 
@@ -43,14 +43,4 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
             raise user_error(exc) from exc
         yield from stream_job(ctx.jobs, generation, owner_of(request), progress)
 
-    reg[f"{TAB}.generate"].click(
-        txt2img,
-        inputs_kwargs=reg.keyword_inputs(TXT2IMG_FIELDS, prefix=f"{TAB}.") | reg.keyword_inputs(MODEL_FIELDS),
-        outputs=reg.many(f"{TAB}.gallery", f"{TAB}.generation_info"),
-        api_name="txt2img", concurrency_id="device", concurrency_limit=1,
-        show_progress_on=[reg[f"{TAB}.progress"]])
-
-    def interrupt(request: gr.Request) -> None:
-        ctx.jobs.cancel(owner_of(request))
-
-    reg[f"{TAB}.interrupt"].click(interrupt, api_visibility="private", queue=False)
+    wire_generate_buttons(ctx, reg, TAB, txt2img, TXT2IMG_FIELDS, MODEL_FIELDS, api_name="txt2img")
