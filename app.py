@@ -44,7 +44,7 @@ def build_context(settings):
     outputs = OutputStore(settings.outputs_dir)
     jobs = JobQueue(functools.partial(generate, manager, outputs))
     return AppContext(settings=settings, registry=registry, manager=manager, jobs=jobs,
-                      outputs=outputs, presets=load_presets(PRESETS_DIR))
+                      outputs=outputs, presets=load_presets(PRESETS_DIR), authenticator=authenticator(settings))
 
 
 def build_app(settings):
@@ -68,40 +68,29 @@ def prepare_data_dirs(settings) -> None:
         settings.embeddings_root.mkdir(parents=True, exist_ok=True)
 
 
-def auth_credentials(settings) -> list[tuple[str, str]] | None:
-    """--auth "u:p,u2:p2" plus --auth-file (one or more user:pass per line, commas allowed)."""
-    entries: list[str] = []
-    if settings.auth:
-        entries += settings.auth.split(",")
-    if settings.auth_file:
-        try:
-            text = Path(settings.auth_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ValueError(f"cannot read --auth-file {settings.auth_file}: {exc.strerror}") from exc
-        for line in text.splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                entries += line.split(",")
-    credentials = []
-    for entry in (e.strip() for e in entries):
-        if not entry:
-            continue
-        user, sep, password = entry.partition(":")
-        if not sep or not user or not password:
-            raise ValueError(f"credentials must look like user:password, got '{user}{sep}…'")
-        credentials.append((user, password))
-    return credentials or None
+def authenticator(settings):
+    """Gradio's `auth=` callable over --auth and --auth-file users (see pipelines/access.py);
+    None when nobody is listed (no login)."""
+    from pipelines.access import Authenticator, load_users
+
+    users = load_users(settings.auth, settings.auth_file)
+    return Authenticator(users) if users else None
 
 
-def launch_options(settings) -> dict[str, Any]:
+def launch_options(settings, auth=None) -> dict[str, Any]:
+    from pipelines.access import served_paths
     from ui.layout import launch_style
 
+    allowed, blocked = served_paths(settings)
     return {
         "server_name": "0.0.0.0" if settings.listen else "127.0.0.1",
         "server_port": settings.port,
         "share": bool(settings.share),
-        "auth": auth_credentials(settings),
+        "auth": auth if auth is not None else authenticator(settings),
         # Gallery results are the saved files under outputs/ (their PNG keeps the infotext).
-        "allowed_paths": [str(settings.outputs_dir)],
+        "allowed_paths": allowed,
+        "blocked_paths": blocked,
+        "max_file_size": int(settings.max_upload_mb * (1 << 20)),
         "show_error": True,
         **launch_style(),
     }
@@ -126,8 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from pipelines.settings import Settings
 
+    from pipelines.access import check_launch, launch_report, load_users
+
     try:
         settings = Settings.from_sources(argv)
+        users = load_users(settings.auth, settings.auth_file)
+        for warning in check_launch(settings, users).warnings:
+            log.warning(warning)
         if settings.online and not online:  # "online": true in config.json
             if "huggingface_hub" in sys.modules:
                 log.warning("online mode from config.json comes too late; pass --online instead")
@@ -139,11 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         gradio_tmp.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("GRADIO_TEMP_DIR", str(gradio_tmp))
         blocks, ctx = build_app(settings)
-        options = launch_options(settings)
+        options = launch_options(settings, ctx.authenticator)
     except ValueError as exc:
         print(f"easel: {exc}", file=sys.stderr)
         return 2
-    fastapi_app, local_url, _share_url = blocks.launch(prevent_thread_lock=True, **options)
+    fastapi_app, local_url, share_url = blocks.launch(prevent_thread_lock=True, **options)
+    for line in launch_report(settings, users, local_url, share_url):
+        print(f"easel: {line}", flush=True)
     if settings.api:
         mount_rest_api(fastapi_app, ctx)
     try:

@@ -36,6 +36,15 @@ class Settings:
     auth: str | None = None
     auth_file: Path | None = None
     api: bool = False
+    # Exposure and limits (pipelines/access.py, pipelines/limits.py).
+    enable_insecure_extension_access: bool = False
+    max_queued_per_user: int = 4
+    max_width: int = 2048
+    max_height: int = 2048
+    max_steps: int = 150
+    max_batch_images: int = 16  # batch_count x batch_size
+    max_upload_mb: float = 25.0
+    max_upload_pixels: int = 4096 * 4096
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -48,6 +57,22 @@ class Settings:
             raise ValueError(f"port must be between 1 and 65535, got {self.port}")
         if self.auth is not None and ":" not in self.auth:
             raise ValueError("auth must look like user:password (several separated by commas)")
+        for name in ("max_queued_per_user", "max_width", "max_height", "max_steps", "max_batch_images",
+                     "max_upload_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.max_upload_mb > 0:
+            raise ValueError(f"max_upload_mb must be above 0, got {self.max_upload_mb}")
+
+    # Reachable from other machines: the login rules and the extension lock apply.
+    @property
+    def remote_access(self) -> bool:
+        return bool(self.listen or self.share)
+
+    @property
+    def extension_install_allowed(self) -> bool:
+        """The one switch the extension installer reads (A1111's disable_extension_access)."""
+        return not self.remote_access or self.enable_insecure_extension_access
 
     # Derived paths: one place decides where things live inside the data dir.
     @property
@@ -96,7 +121,10 @@ class Settings:
 
 _FIELD_TYPES = {"data_dir": Path, "models_dir": Path, "embeddings_dir": Path, "auth_file": Path,
                 "ram_cache_gb": float, "port": int, "online": bool, "listen": bool,
-                "share": bool, "api": bool, "device": str, "precision": str, "auth": str}
+                "share": bool, "api": bool, "device": str, "precision": str, "auth": str,
+                "enable_insecure_extension_access": bool, "max_queued_per_user": int, "max_width": int,
+                "max_height": int, "max_steps": int, "max_batch_images": int, "max_upload_mb": float,
+                "max_upload_pixels": int}
 
 
 def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -154,4 +182,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram-cache-gb", dest="ram_cache_gb", type=float)
     p.add_argument("--online", action="store_true", default=None,
                    help="allow Hugging Face downloads (off by default)")
+    p.add_argument("--enable-insecure-extension-access", dest="enable_insecure_extension_access",
+                   action="store_true", default=None,
+                   help="allow installing extensions even with --listen/--share")
+    p.add_argument("--max-queued-per-user", dest="max_queued_per_user", type=int)
+    for name in ("max_width", "max_height", "max_steps", "max_batch_images", "max_upload_pixels"):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
+    p.add_argument("--max-upload-mb", dest="max_upload_mb", type=float)
     return p

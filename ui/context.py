@@ -15,3 +15,4 @@ class AppContext:
     jobs: Any  # pipelines.jobs.JobQueue
     outputs: Any  # pipelines.outputs.OutputStore
     presets: list = field(default_factory=list)  # ui.presets.Preset, for per-model defaults
+    authenticator: Any = None  # pipelines.access.Authenticator when a login is required

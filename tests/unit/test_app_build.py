@@ -311,13 +311,17 @@ def test_launch_options_bind_loopback_unless_listen(tmp_path):
     settings = Settings(data_dir=tmp_path, auth="me:secret", auth_file=users)
     options = app.launch_options(settings)
     assert options["server_name"] == "127.0.0.1" and options["server_port"] == 7860
-    assert options["auth"] == [("me", "secret"), ("ann", "pw1"), ("bob", "pw2"), ("cy", "pw3")]
-    assert options["allowed_paths"] == [str(tmp_path / "outputs")]
+    auth = options["auth"]
+    assert auth.usernames == ["me", "ann", "bob", "cy"]
+    assert auth("me", "secret") and auth("cy", "pw3") and not auth("cy", "pw1") and not auth("zed", "pw1")
+    assert options["allowed_paths"] == [str((tmp_path / "outputs").resolve())]
+    assert str((tmp_path / "models").resolve()) in options["blocked_paths"]
+    assert str(users.resolve()) in options["blocked_paths"]
     assert app.launch_options(Settings(data_dir=tmp_path, listen=True, port=9000))["server_name"] == "0.0.0.0"
     assert app.launch_options(Settings(data_dir=tmp_path))["auth"] is None
     users.write_text("nopassword\n")
     with pytest.raises(ValueError, match="user:password"):
-        app.auth_credentials(Settings(data_dir=tmp_path, auth_file=users))
+        app.authenticator(Settings(data_dir=tmp_path, auth_file=users))
 
 
 def test_online_is_decided_before_settings_exist():
