@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ui import img2img, png_info, settings_tab, topbar, transfers, txt2img
+from ui import img2img, merger_tab, png_info, settings_tab, topbar, transfers, txt2img
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 
@@ -27,8 +27,10 @@ def build_ui(ctx: AppContext) -> tuple[gr.Blocks, ComponentRegistry]:
             txt2img.build(ctx, reg)
             img2img.build(ctx, reg)
             png_info.build(ctx, reg)
+            merger_tab.build(ctx, reg)
             settings_tab.build(ctx, reg)
         topbar.wire(ctx, reg)
+        merger_tab.wire(ctx, reg)
         transfers.build(ctx, reg)
     # One device: generation events share the "device" concurrency group (limit 1); the job
     # queue serialises device work again underneath for the REST API and tests.
