@@ -1,0 +1,143 @@
+"""Per-request conditioning for a diffusers pipeline: every prompt of a batch parsed once,
+its editing/alternation schedule computed once, each distinct text encoded once, and the
+tensors handed to diffusers as `prompt_embeds` / `negative_prompt_embeds` (+ pooled for SDXL).
+When the schedule changes the conditioning, `callback_outputs` returns the new tensors from
+`callback_on_step_end`, which diffusers uses for the following steps.
+
+All tensors of a request have the same number of 77-token chunks: shorter ones (the negative
+prompt, or an early edit) are padded with the encoding of an empty chunk, so positive and
+negative can be batched together for classifier-free guidance.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from pipelines.prompts.encoding import Encoded, EncoderStack, encode_prompt
+from pipelines.prompts.extra_networks import extract_extra_networks
+from pipelines.prompts.parser import prompt_schedule, split_and, text_at_step
+
+Schedule = list[tuple[int, str]]
+
+
+def _composable_check(prompt: str) -> str:
+    parts = split_and(prompt)
+    if len(parts) > 1:
+        raise ValueError("AND (composable diffusion) is not supported yet: remove 'AND' from the prompt, "
+                         "or join the parts with ',' or BREAK")
+    text, weight = parts[0]
+    return prompt if weight == 1.0 else text
+
+
+@dataclass
+class PromptConditioning:
+    stack: EncoderStack
+    positive: list[Schedule]  # one schedule per image of the batch
+    negative: list[Schedule]
+    steps: int
+    clip_skip: int = 1
+    emphasis: str = "Original"
+    _cache: dict = field(default_factory=dict, repr=False)
+    _chunks: int = 1
+    _current_step: int = 1
+
+    def __post_init__(self) -> None:
+        texts = {t for s in self.positive for _, t in s} | {t for s in self.negative for _, t in s}
+        for text in sorted(texts):
+            self._encoded(text)
+        self._chunks = max(e.chunks for e in self._cache.values())
+
+    # --- what generate.py uses -------------------------------------------------------------
+
+    @property
+    def changes_during_sampling(self) -> bool:
+        return any(len(s) > 1 for s in self.positive + self.negative)
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        """Names to add to `callback_on_step_end_tensor_inputs`."""
+        if not self.changes_during_sampling:
+            return []
+        return ["prompt_embeds", "add_text_embeds"] if self.stack.sdxl else ["prompt_embeds"]
+
+    def pipeline_kwargs(self, step: int = 1) -> dict:
+        """Keyword arguments for the pipeline call: the conditioning of 1-based `step`."""
+        pos, neg = self._batch(self.positive, step, negative=False), self._batch(self.negative, step, negative=True)
+        kwargs = {"prompt_embeds": pos.embeds, "negative_prompt_embeds": neg.embeds}
+        if self.stack.sdxl:
+            kwargs["pooled_prompt_embeds"] = pos.pooled
+            kwargs["negative_pooled_prompt_embeds"] = neg.pooled
+        return kwargs
+
+    def callback_outputs(self, pipe, step_index: int) -> dict:
+        """From `callback_on_step_end` after 0-based `step_index`: the tensors for the next step,
+        or {} when the conditioning does not change there."""
+        if not self.changes_during_sampling:
+            return {}
+        total = getattr(pipe, "num_timesteps", None) or self.steps
+        # second-order samplers run more model steps than schedule steps: map proportionally
+        next_step = min(self.steps, math.ceil((step_index + 2) * self.steps / total))
+        if self._texts_at(next_step) == self._texts_at(self._current_step):
+            return {}
+        self._current_step = next_step
+        kwargs = self.pipeline_kwargs(next_step)
+        cfg = bool(getattr(pipe, "do_classifier_free_guidance", True))
+        device = pipe._execution_device if hasattr(pipe, "_execution_device") else None
+
+        def join(neg, pos):
+            tensor = torch.cat([neg, pos]) if cfg else pos
+            return tensor.to(device) if device is not None else tensor
+
+        outputs = {"prompt_embeds": join(kwargs["negative_prompt_embeds"], kwargs["prompt_embeds"])}
+        if self.stack.sdxl:
+            outputs["add_text_embeds"] = join(kwargs["negative_pooled_prompt_embeds"], kwargs["pooled_prompt_embeds"])
+        return outputs
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _texts_at(self, step: int) -> tuple:
+        return tuple(text_at_step(s, step) for s in self.positive + self.negative)
+
+    def _encoded(self, text: str) -> Encoded:
+        if text not in self._cache:
+            self._cache[text] = encode_prompt(self.stack, text, self.clip_skip, self.emphasis)
+        return self._cache[text]
+
+    def _padded(self, encoded: Encoded) -> torch.Tensor:
+        missing = self._chunks - encoded.chunks
+        if missing == 0:
+            return encoded.embeds
+        empty = self._encoded("").embeds
+        return torch.cat([encoded.embeds] + [empty] * missing, dim=1)
+
+    def _batch(self, schedules: list[Schedule], step: int, negative: bool) -> Encoded:
+        rows = [self._encoded(text_at_step(s, step)) for s in schedules]
+        embeds = torch.cat([self._padded(r) for r in rows])
+        pooled = torch.cat([r.pooled for r in rows]) if self.stack.sdxl else None
+        if negative and self.stack.force_zeros_for_empty_negative:
+            # SDXL (A1111 and diffusers alike): an empty negative prompt is all zeros
+            empty = torch.tensor([text_at_step(s, step) == "" for s in schedules])
+            if empty.any():
+                embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
+                pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        return Encoded(embeds=embeds, pooled=pooled)
+
+
+def build_conditioning(pipe, prompts: list[str], negative_prompts: list[str], steps: int,
+                       clip_skip: int = 1, emphasis: str = "Original") -> PromptConditioning:
+    """Parse (extra-network tags removed, AND checked, editing scheduled) and encode the prompts
+    of one batch for `steps` sampling steps."""
+    if len(prompts) != len(negative_prompts):
+        raise ValueError("each image needs one prompt and one negative prompt")
+
+    def schedule(text: str, positive: bool) -> Schedule:
+        text, _ = extract_extra_networks(text)
+        if positive:
+            text = _composable_check(text)
+        return prompt_schedule(text, steps)
+
+    return PromptConditioning(stack=EncoderStack.from_pipe(pipe), positive=[schedule(p, True) for p in prompts],
+                              negative=[schedule(n, False) for n in negative_prompts], steps=max(1, steps),
+                              clip_skip=clip_skip, emphasis=emphasis)

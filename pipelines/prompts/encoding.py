@@ -1,0 +1,182 @@
+"""Token-weighted CLIP encoding the A1111 way, on the active diffusers pipeline's own
+tokenizers and text encoders (so textual-inversion tokens loaded into them work by name).
+
+A prompt is tokenized fragment by fragment (each with its emphasis weight), packed into 75-token
+chunks (BREAK ends a chunk; a chunk that would split mid-phrase moves the text after the last
+comma within `COMMA_BACKTRACK` tokens into the next chunk), each chunk is encoded as its own
+77-token sequence, the hidden states are scaled by the weights ("Original" emphasis restores the
+chunk's mean afterwards), and the chunks are concatenated along the sequence axis.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from pipelines.prompts.parser import BREAK, BREAK_WEIGHT, parse_attention
+
+CHUNK_LENGTH = 75
+COMMA_BACKTRACK = 20  # A1111 "comma_padding_backtrack" default
+EMPHASIS_MODES = ("Original", "No norm")
+MAX_CLIP_SKIP = 12
+
+
+@dataclass
+class Chunk:
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One prompt's conditioning: `embeds` [1, 77*chunks, D]; `pooled` [1, P] for SDXL."""
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None
+
+    @property
+    def chunks(self) -> int:
+        return self.embeds.shape[1] // (CHUNK_LENGTH + 2)
+
+
+def _fragments(text: str, emphasis: bool = True) -> list[tuple[str, float]]:
+    return parse_attention(text) if emphasis else [(text, 1.0)]
+
+
+def tokenize_chunks(tokenizer, text: str, convert=None) -> tuple[list[Chunk], int]:
+    """75-token chunks of weighted tokens, and the number of tokens the prompt uses.
+
+    `convert(text, tokenizer)` expands textual-inversion names into their vector tokens
+    (diffusers' `maybe_convert_prompt`)."""
+    fragments = _fragments(text)
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    chunks: list[Chunk] = []
+    chunk = Chunk()
+    last_comma = -1
+    token_count = 0
+
+    def close(is_last: bool = False) -> None:
+        nonlocal chunk, last_comma, token_count
+        token_count += len(chunk.tokens) if is_last else CHUNK_LENGTH
+        chunks.append(chunk)
+        chunk, last_comma = Chunk(), -1
+
+    for fragment, weight in fragments:
+        if fragment == BREAK and weight == BREAK_WEIGHT:
+            close()
+            continue
+        if convert is not None:
+            fragment = convert(fragment, tokenizer)
+        tokens = tokenizer(fragment, truncation=False, add_special_tokens=False, verbose=False)["input_ids"]
+        for token in tokens:
+            if token == comma:
+                last_comma = len(chunk.tokens)
+            elif (len(chunk.tokens) == CHUNK_LENGTH and last_comma != -1
+                  and len(chunk.tokens) - last_comma <= COMMA_BACKTRACK):
+                cut = last_comma + 1
+                moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:])
+                chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+                close()
+                chunk = moved
+            if len(chunk.tokens) == CHUNK_LENGTH:
+                close()
+            chunk.tokens.append(token)
+            chunk.weights.append(weight)
+    if chunk.tokens or not chunks:
+        close(is_last=True)
+    return chunks, token_count
+
+
+def count_tokens(tokenizer, text: str) -> tuple[int, int]:
+    """(tokens used, chunk limit) for A1111's "23/75" counter."""
+    _, count = tokenize_chunks(tokenizer, text)
+    return count, max(CHUNK_LENGTH, math.ceil(count / CHUNK_LENGTH) * CHUNK_LENGTH)
+
+
+def _chunk_ids(tokenizer, chunk: Chunk) -> tuple[list[int], list[float]]:
+    """BOS + tokens + EOS + padding: diffusers' (and SDXL's training) layout; for SD1 the pad
+    token is EOS, so this is also A1111's layout."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    filler = CHUNK_LENGTH - len(chunk.tokens)
+    ids = [tokenizer.bos_token_id] + chunk.tokens + [tokenizer.eos_token_id] + [pad] * filler
+    weights = [1.0] + chunk.weights + [1.0] * (filler + 1)
+    return ids, weights
+
+
+@dataclass(frozen=True)
+class EncoderStack:
+    """The pipeline's (tokenizer, text encoder) pairs; `sdxl` = two encoders + pooled output."""
+    tokenizers: tuple
+    text_encoders: tuple
+    convert: object = None  # pipe.maybe_convert_prompt when the pipe has it
+    force_zeros_for_empty_negative: bool = False
+
+    @property
+    def sdxl(self) -> bool:
+        return len(self.text_encoders) == 2
+
+    @classmethod
+    def from_pipe(cls, pipe) -> "EncoderStack":
+        pairs = [(getattr(pipe, t, None), getattr(pipe, e, None))
+                 for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))]
+        pairs = [(t, e) for t, e in pairs if t is not None and e is not None]
+        if not pairs:
+            raise ValueError("this pipeline has no text encoder: prompts cannot be encoded")
+        config = getattr(pipe, "config", {}) or {}
+        return cls(tokenizers=tuple(t for t, _ in pairs), text_encoders=tuple(e for _, e in pairs),
+                   convert=getattr(pipe, "maybe_convert_prompt", None),
+                   force_zeros_for_empty_negative=len(pairs) == 2 and bool(config.get("force_zeros_for_empty_prompt", False)))
+
+
+def _check(clip_skip: int, emphasis: str) -> None:
+    if not isinstance(clip_skip, int) or not 1 <= clip_skip <= MAX_CLIP_SKIP:
+        raise ValueError(f"clip skip must be a whole number from 1 to {MAX_CLIP_SKIP}, got {clip_skip}")
+    if emphasis not in EMPHASIS_MODES:
+        raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got '{emphasis}'")
+
+
+@torch.no_grad()
+def encode_prompt(stack: EncoderStack, text: str, clip_skip: int = 1, emphasis: str = "Original") -> Encoded:
+    """Encode one prompt (no editing/AND syntax left in it) into chunked, weighted embeddings."""
+    _check(clip_skip, emphasis)
+    per_encoder = [tokenize_chunks(tok, text, stack.convert)[0] for tok in stack.tokenizers]
+    chunk_count = max(len(c) for c in per_encoder)
+    hidden, pooled = [], None
+    for index, (tokenizer, encoder, chunks) in enumerate(zip(stack.tokenizers, stack.text_encoders, per_encoder)):
+        chunks = chunks + [Chunk()] * (chunk_count - len(chunks))  # TI vectors can differ per encoder
+        rows = [_chunk_ids(tokenizer, c) for c in chunks]
+        ids = torch.tensor([r[0] for r in rows], device=encoder.device)
+        weights = torch.tensor([r[1] for r in rows], device=encoder.device)
+        output = encoder(ids, output_hidden_states=True)
+        z = _select_layer(encoder, output, clip_skip, stack.sdxl)
+        if stack.sdxl and index == 1:
+            pooled = output[0][:1]  # A1111: the pooled vector of the first chunk
+        hidden.append(_apply_weights(z, weights, emphasis))
+    z = torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0]
+    dtype = stack.text_encoders[0].dtype
+    embeds = z.reshape(1, -1, z.shape[-1]).to(dtype)
+    return Encoded(embeds=embeds, pooled=pooled.to(dtype) if pooled is not None else None)
+
+
+def _select_layer(encoder, output, clip_skip: int, sdxl: bool) -> torch.Tensor:
+    if sdxl:  # SDXL conditions on the penultimate layer without the final norm
+        states = output.hidden_states
+        return states[max(-(clip_skip + 1), -len(states))]
+    if clip_skip == 1:
+        return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    states = output.hidden_states
+    # transformers 5 flattened CLIPTextModel (no `.text_model`); 4.x still nests it
+    final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+    return final_norm(states[max(-clip_skip, -len(states))])
+
+
+def _apply_weights(z: torch.Tensor, weights: torch.Tensor, emphasis: str) -> torch.Tensor:
+    if bool((weights == 1.0).all()):
+        return z  # nothing to weight: bit-identical to the unweighted encoding
+    weights = weights.to(z.dtype)
+    if emphasis == "No norm":
+        return z * weights[..., None]
+    original = z.float().mean(dim=(1, 2), keepdim=True)
+    weighted = z * weights[..., None]
+    restored = weighted.float() * (original / weighted.float().mean(dim=(1, 2), keepdim=True))
+    return restored.to(z.dtype)

@@ -1,0 +1,128 @@
+"""The A1111 prompt encoder against diffusers' own encoding, on tiny random text encoders."""
+import pytest
+import torch
+
+from pipelines.configs import load_tokenizer
+from pipelines.prompts.conditioning import build_conditioning
+from pipelines.prompts.encoding import EncoderStack, count_tokens, encode_prompt, tokenize_chunks
+from tests import factories
+
+
+@pytest.fixture(scope="module")
+def sd_pipe():
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(**factories.tiny_components(seed=0), tokenizer=load_tokenizer(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe():
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3,
+                 projection_dim=16, vocab_size=49408, max_position_embeddings=77)
+    torch.manual_seed(0)
+    te1 = CLIPTextModel(CLIPTextConfig(**small)).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**small, hidden_act="gelu")).eval()
+    return StableDiffusionXLPipeline(vae=None, text_encoder=te1, text_encoder_2=te2, tokenizer=load_tokenizer(),
+                                     tokenizer_2=load_tokenizer(pad_with_bang=True), unet=None, scheduler=None)
+
+
+def _encode(pipe, text, **kw):
+    return encode_prompt(EncoderStack.from_pipe(pipe), text, **kw)
+
+
+@pytest.mark.parametrize("text", ["a cat on a hill, sunset", "", "wow!! \\(escaped\\) text"])
+def test_weight_one_equals_diffusers_sd(sd_pipe, text):
+    expected, _ = sd_pipe.encode_prompt(text.replace("\\", ""), torch.device("cpu"), 1, False)
+    ours = _encode(sd_pipe, text).embeds
+    assert ours.shape == expected.shape == (1, 77, 64)
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("clip_skip", [2, 3])
+def test_clip_skip_uses_the_nth_last_layer_with_final_norm(sd_pipe, clip_skip):
+    # A1111 "Clip skip: N": hidden state N from the end, then the final layer norm. (diffusers'
+    # own clip_skip path reads `.text_model`, which transformers 5 removed, so we compute it here.)
+    ids = sd_pipe.tokenizer("a red ball", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = sd_pipe.text_encoder(ids, output_hidden_states=True).hidden_states
+        expected = sd_pipe.text_encoder.final_layer_norm(states[-clip_skip])
+    assert torch.equal(_encode(sd_pipe, "a red ball", clip_skip=clip_skip).embeds, expected)
+    assert not torch.equal(expected, _encode(sd_pipe, "a red ball").embeds)
+
+
+def test_clip_skip_out_of_range_is_value_error(sd_pipe):
+    with pytest.raises(ValueError, match="clip skip"):
+        _encode(sd_pipe, "x", clip_skip=13)
+
+
+def test_weight_one_equals_diffusers_sdxl(sdxl_pipe):
+    embeds, _, pooled, _ = sdxl_pipe.encode_prompt("a blue square", device=torch.device("cpu"),
+                                                   do_classifier_free_guidance=False)
+    ours = _encode(sdxl_pipe, "a blue square")
+    assert ours.embeds.shape == (1, 77, 64) and torch.equal(ours.embeds, embeds)
+    assert torch.equal(ours.pooled, pooled)
+
+
+def test_explicit_weight_one_equals_plain(sd_pipe):
+    assert torch.equal(_encode(sd_pipe, "a (cat:1.0) b").embeds, _encode(sd_pipe, "a cat b").embeds)
+
+
+def test_emphasis_original_restores_mean_and_no_norm_does_not(sd_pipe):
+    plain = _encode(sd_pipe, "a red ball").embeds
+    original = _encode(sd_pipe, "a (red:1.5) ball").embeds
+    no_norm = _encode(sd_pipe, "a (red:1.5) ball", emphasis="No norm").embeds
+    assert original.mean().item() == pytest.approx(plain.mean().item(), rel=1e-4)
+    assert not torch.allclose(original, plain)
+    # "No norm" is exactly the token vector times its weight
+    tokens = load_tokenizer()("a red ball")["input_ids"]
+    red = tokens.index(load_tokenizer().convert_tokens_to_ids("red</w>"))
+    assert torch.allclose(no_norm[0, red], plain[0, red] * 1.5)
+    assert torch.allclose(no_norm[0, 0], plain[0, 0])
+
+
+def test_long_prompt_makes_three_chunks_with_comma_backoff(sd_pipe):
+    words = ", ".join(f"word{i}" for i in range(50))  # ~4 tokens per item: ~200 tokens
+    chunks, count = tokenize_chunks(sd_pipe.tokenizer, words)
+    assert 151 <= count <= 225 and len(chunks) == 3
+    comma = sd_pipe.tokenizer.convert_tokens_to_ids(",</w>")
+    assert chunks[0].tokens[-1] == comma  # the chunk was cut after a comma, not mid-item
+    assert _encode(sd_pipe, words).embeds.shape == (1, 3 * 77, 64)
+    assert count_tokens(sd_pipe.tokenizer, "a cat") == (2, 75)
+    assert count_tokens(sd_pipe.tokenizer, words)[1] == 225
+
+
+def test_break_pads_the_chunk(sd_pipe):
+    chunks, _ = tokenize_chunks(sd_pipe.tokenizer, "a cat BREAK a dog")
+    assert [len(c.tokens) for c in chunks] == [2, 2]
+    assert _encode(sd_pipe, "a cat BREAK a dog").chunks == 2
+
+
+def test_negative_padded_to_positive_chunks_and_editing_switches(sd_pipe):
+    long = ", ".join(f"word{i}" for i in range(40))
+    cond = build_conditioning(sd_pipe, [f"[cat:dog:0.5] {long}"], ["ugly"], steps=4)
+    first = cond.pipeline_kwargs(1)
+    assert first["prompt_embeds"].shape == first["negative_prompt_embeds"].shape == (1, 154, 64)
+    assert torch.equal(first["negative_prompt_embeds"][:, :77], _encode(sd_pipe, "ugly").embeds)
+    assert torch.equal(first["negative_prompt_embeds"][:, 77:], _encode(sd_pipe, "").embeds)
+    sd_pipe._guidance_scale, sd_pipe._num_timesteps = 7.0, 4
+    assert cond.callback_outputs(sd_pipe, 0) == {}  # step 2 still "cat"
+    switched = cond.callback_outputs(sd_pipe, 1)["prompt_embeds"]  # step 3 is "dog"
+    assert switched.shape == (2, 154, 64)
+    assert torch.equal(switched[1:], _encode(sd_pipe, f"dog {long}").embeds)
+    assert torch.equal(switched[:1, :77], _encode(sd_pipe, "ugly").embeds)
+
+
+def test_and_is_a_clear_error(sd_pipe):
+    with pytest.raises(ValueError, match="AND"):
+        build_conditioning(sd_pipe, ["a cat AND a dog"], [""], steps=4)
+
+
+def test_sdxl_empty_negative_is_zeros(sdxl_pipe):
+    cond = build_conditioning(sdxl_pipe, ["a cat <lora:x:1>"], [""], steps=2)
+    kwargs = cond.pipeline_kwargs()
+    assert not kwargs["negative_prompt_embeds"].any() and not kwargs["negative_pooled_prompt_embeds"].any()
+    assert torch.equal(kwargs["prompt_embeds"], _encode(sdxl_pipe, "a cat ").embeds)
