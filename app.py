@@ -29,6 +29,7 @@ def build_context(settings):
     from pipelines.generate import generate
     from pipelines.hashing import HashCache
     from pipelines.jobs import JobQueue
+    from pipelines.limits import RequestLimits
     from pipelines.manager import PipelineManager
     from pipelines.outputs import OutputStore
     from pipelines.registry import ModelRegistry
@@ -42,7 +43,8 @@ def build_context(settings):
     manager = PipelineManager(registry, ModelCache(settings.ram_cache_bytes()), device,
                               resolve_dtype(settings.precision, device))
     outputs = OutputStore(settings.outputs_dir)
-    jobs = JobQueue(functools.partial(generate, manager, outputs))
+    jobs = JobQueue(functools.partial(generate, manager, outputs), max_queued_per_user=settings.max_queued_per_user,
+                    admit=RequestLimits.from_settings(settings))
     return AppContext(settings=settings, registry=registry, manager=manager, jobs=jobs,
                       outputs=outputs, presets=load_presets(PRESETS_DIR), authenticator=authenticator(settings))
 

@@ -6,6 +6,7 @@ instead of polling a shared state object.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import queue
 import threading
@@ -51,6 +52,10 @@ RunFunction = Callable[[GenerationRequest, ProgressSink, CancelToken], Generatio
 _DONE = object()
 
 
+class QueueFullError(ValueError):
+    """One user asked for more queued jobs than the per-user cap allows."""
+
+
 class Job:
     def __init__(self, job_id: int, owner: str, request: GenerationRequest) -> None:
         self.id = job_id
@@ -59,6 +64,7 @@ class Job:
         self.token = CancelToken()
         self.latest: Progress | None = None
         self._events: queue.Queue = queue.Queue()
+        self._started = threading.Event()
         self._finished = threading.Event()
         self._result: GenerationResult | None = None
         self._error: BaseException | None = None
@@ -70,10 +76,15 @@ class Job:
 
     def _finish(self, result: GenerationResult | None, error: BaseException | None) -> None:
         self._result, self._error = result, error
+        self._started.set()
         self._finished.set()
         self._events.put(_DONE)
 
     # Called by the consumer.
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """True once the worker took the job (or it ended without running)."""
+        return self._started.wait(timeout)
+
     def events(self) -> Iterator[Progress]:
         """Progress events until the job ends (then call result())."""
         while True:
@@ -91,6 +102,10 @@ class Job:
         return self._result
 
     @property
+    def started(self) -> bool:
+        return self._started.is_set()
+
+    @property
     def finished(self) -> bool:
         return self._finished.is_set()
 
@@ -99,66 +114,144 @@ class Job:
 
 
 class JobQueue:
-    def __init__(self, run: RunFunction) -> None:
+    """Round robin between owners: each owner has a FIFO of jobs, and the worker takes one job
+    from each owner in turn, so nobody waits behind more than one job per other user (A1111's
+    single FIFO let one user's batch of 50 block everyone). `max_queued_per_user` caps one
+    owner's unfinished jobs; `admit` (the request limits) refuses a request before it queues.
+    A failure of `run` is translated by `explain` (out of memory -> a short message) after
+    device memory was freed."""
+
+    def __init__(self, run: RunFunction, *, max_queued_per_user: int = 4,
+                 admit: Callable[[GenerationRequest], None] | None = None,
+                 explain: Callable[[BaseException], BaseException] | None = None) -> None:
         self._run = run
-        self._pending: queue.Queue = queue.Queue()
+        self._max_per_owner = max_queued_per_user
+        self._admit = admit
+        self._explain = explain or _default_explain
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._waiting: dict[str, collections.deque[Job]] = {}  # owner -> FIFO, in turn order
         self._current: Job | None = None
-        self._waiting: list[Job] = []
         self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._stopping = False
 
     def start(self) -> "JobQueue":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="easel-device-worker", daemon=True)
-            self._thread.start()
+        with self._changed:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._work, name="easel-device-worker", daemon=True)
+                self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._pending.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=30)
 
     def submit(self, request: GenerationRequest, owner: str = "") -> Job:
-        job = Job(next(self._ids), owner, request)
-        with self._lock:
-            self._waiting.append(job)
-        self._pending.put(job)
+        if self._admit is not None:
+            self._admit(request)
+        with self._changed:
+            unfinished = len(self._waiting.get(owner, ())) + (self._current is not None and self._current.owner == owner)
+            if unfinished >= self._max_per_owner:
+                raise QueueFullError(
+                    f"you already have {unfinished} job(s) queued or running (the limit is "
+                    f"{self._max_per_owner}); wait for one to finish or interrupt it")
+            job = Job(next(self._ids), owner, request)
+            self._waiting.setdefault(owner, collections.deque()).append(job)
+            self._changed.notify_all()
         self.start()
         return job
 
-    def cancel(self, owner: str) -> int:
-        """Cancel the running and waiting jobs of one owner; returns how many were cancelled."""
-        with self._lock:
-            mine = [j for j in self._waiting + ([self._current] if self._current else []) if j.owner == owner]
+    # --- who may see and cancel what ---------------------------------------------------------
+
+    def cancel(self, owner: str, job_id: int | None = None) -> int:
+        """Cancel one owner's running and waiting jobs (or just `job_id` of theirs)."""
+        mine = [j for j in self._unfinished() if j.owner == owner and job_id in (None, j.id)]
         for job in mine:
             job.cancel()
         return len(mine)
+
+    def cancel_all(self) -> int:
+        """For admins: every running and waiting job."""
+        jobs = self._unfinished()
+        for job in jobs:
+            job.cancel()
+        return len(jobs)
+
+    def position(self, job: Job) -> int:
+        """How many jobs run before this one (0: it runs now or next)."""
+        with self._changed:
+            order = self._schedule()
+            ahead = 1 if self._current is not None and self._current is not job else 0
+        return ahead + order.index(job) if job in order else 0
+
+    def view(self, viewer: str, admin: bool = False) -> list[dict]:
+        """The queue as `viewer` may see it: their own jobs, or everyone's for an admin."""
+        with self._changed:
+            running = [self._current] if self._current is not None else []
+            jobs = running + self._schedule()
+        return [{"id": job.id, "owner": job.owner if admin else None, "mine": job.owner == viewer,
+                 "state": "running" if job is self._current else "waiting", "position": index,
+                 "task": job.request.task, "cancelled": job.token.cancelled}
+                for index, job in enumerate(jobs) if admin or job.owner == viewer]
 
     def current(self) -> Job | None:
         return self._current
 
     def queued_count(self) -> int:
-        with self._lock:
-            return len(self._waiting) + (1 if self._current else 0)
+        with self._changed:
+            return sum(len(q) for q in self._waiting.values()) + (1 if self._current else 0)
+
+    # --- the worker --------------------------------------------------------------------------
+
+    def _unfinished(self) -> list[Job]:
+        with self._changed:
+            return ([self._current] if self._current else []) + [j for q in self._waiting.values() for j in q]
+
+    def _schedule(self) -> list[Job]:
+        """Waiting jobs in the order they will run (caller holds the lock)."""
+        queues = [list(q) for q in self._waiting.values()]
+        order = []
+        for depth in range(max((len(q) for q in queues), default=0)):
+            order += [q[depth] for q in queues if depth < len(q)]
+        return order
+
+    def _next_job(self) -> Job | None:
+        with self._changed:
+            while not self._waiting and not self._stopping:
+                self._changed.wait()
+            if self._stopping:
+                return None
+            owner = next(iter(self._waiting))
+            jobs = self._waiting.pop(owner)
+            job = jobs.popleft()
+            if jobs:
+                self._waiting[owner] = jobs  # re-inserted last: the owner's next turn comes after the others
+            self._current = job
+            job._started.set()
+            return job
 
     def _work(self) -> None:
-        while not self._stopping.is_set():
-            job = self._pending.get()
-            if job is None:
-                return
-            with self._lock:
-                self._waiting.remove(job)
-                self._current = job
+        while (job := self._next_job()) is not None:
             try:
-                result = self._run(job.request, job._report, job.token)
+                if job.token.cancelled:  # cancelled while waiting: never touch the device
+                    result = GenerationResult(images=[], infotexts=[], seeds=[], paths=[], interrupted=True)
+                else:
+                    result = self._run(job.request, job._report, job.token)
             except BaseException as exc:  # the worker must survive any job's failure
-                job._finish(None, exc)
+                job._finish(None, self._explain(exc))
             else:
                 job._finish(result, None)
             finally:
-                with self._lock:
+                with self._changed:
                     self._current = None
+
+
+def _default_explain(exc: BaseException) -> BaseException:
+    from pipelines.faults import explain_failure
+
+    return explain_failure(exc)

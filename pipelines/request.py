@@ -147,11 +147,12 @@ def _image_to_b64(image: Image.Image | None) -> str | None:
 
 
 def _b64_to_image(text: str) -> Image.Image:
+    from pipelines.uploads import decode_image
+
     if text.startswith("data:"):
         text = text.split(",", 1)[-1]
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
-        image.load()
-    except Exception as exc:  # PIL raises many types for bad data
-        raise ValueError("image is not valid base64 PNG/JPEG/WebP data") from exc
-    return image
+        data = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ValueError("image is not valid base64 PNG/JPEG/WebP data") from None
+    return decode_image(data)

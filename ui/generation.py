@@ -12,21 +12,35 @@ from pipelines.request import GenerationRequest, GenerationResult
 from ui.errors import user_error
 
 PREVIEW_INTERVAL_S = 0.3  # at most ~3 preview frames a second go over the websocket
+QUEUE_POLL_S = 0.5  # how often a waiting job's queue position is refreshed
+# Generation events may all start at once: the job queue below orders them fairly between
+# users (Gradio's own queue is first-come) and one worker owns the device.
+DEVICE_EVENT_SLOTS = 16
 
 
 def owner_of(request: Any) -> str:
-    """Jobs belong to the browser session (or gradio_client session) that started them, so
-    Interrupt stops only one's own."""
-    return getattr(request, "session_hash", None) or "anonymous"
+    """Jobs belong to the logged-in user, else to the browser (or gradio_client) session that
+    started them, so Interrupt stops only one's own."""
+    username = getattr(request, "username", None)
+    if username:
+        return f"user:{username}"
+    return f"session:{getattr(request, 'session_hash', None) or 'anonymous'}"
 
 
 def stream_job(jobs: Any, request: GenerationRequest, owner: str,
                progress: Callable[..., Any] | None = None) -> Iterator[tuple[Any, Any]]:
     """Yields (gallery, generation_info) pairs: previews first (info skipped), then the result.
     Leaving early (the browser went away, Gradio cancelled) cancels the job."""
-    job = jobs.submit(request, owner)
+    try:
+        job = jobs.submit(request, owner)
+    except ValueError as exc:  # over a limit, or too many jobs queued
+        raise user_error(exc) from exc
     last_preview = 0.0
     try:
+        while not job.wait_started(QUEUE_POLL_S):
+            if progress is not None:
+                ahead = jobs.position(job)
+                progress(0.0, desc=f"queued: {ahead} job(s) ahead of yours")
         for event in job.events():
             if progress is not None:
                 progress(event.fraction, desc=describe(event))
@@ -100,7 +114,7 @@ def wire_generate_buttons(ctx: Any, reg: Any, tab: str, handler: Callable, field
         handler,
         inputs_kwargs=reg.keyword_inputs(fields, prefix=f"{tab}.") | reg.keyword_inputs(model_fields),
         outputs=reg.many(f"{tab}.gallery", f"{tab}.generation_info"),
-        api_name=api_name, concurrency_id="device", concurrency_limit=1,
+        api_name=api_name, concurrency_id="device", concurrency_limit=DEVICE_EVENT_SLOTS,
         show_progress_on=[reg[f"{tab}.progress"]])
 
     def interrupt(request: gr.Request) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ui import img2img, merger_tab, png_info, settings_tab, topbar, transfers, txt2img
+from ui import img2img, merger_tab, png_info, queue_panel, settings_tab, topbar, transfers, txt2img
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 
@@ -29,10 +29,11 @@ def build_ui(ctx: AppContext) -> tuple[gr.Blocks, ComponentRegistry]:
             png_info.build(ctx, reg)
             merger_tab.build(ctx, reg)
             settings_tab.build(ctx, reg)
+        queue_panel.build(ctx, reg)
         topbar.wire(ctx, reg)
         merger_tab.wire(ctx, reg)
         transfers.build(ctx, reg)
-    # One device: generation events share the "device" concurrency group (limit 1); the job
-    # queue serialises device work again underneath for the REST API and tests.
+    # One device: generation events share the "device" concurrency group; the job queue
+    # underneath orders them fairly between users and runs one at a time.
     blocks.queue(max_size=64)
     return blocks, reg

@@ -45,6 +45,7 @@ def test_cancel_only_touches_the_owners_jobs_and_errors_propagate():
         mine = queue.submit(GenerationRequest(prompt="x"), owner="alice")
         theirs = queue.submit(GenerationRequest(prompt="y"), owner="bob")
         broken = queue.submit(GenerationRequest(prompt="boom"), owner="bob")
+        assert mine.wait_started(5)
         assert queue.cancel("alice") == 1
         gate.set()
         assert mine.result(10).infotexts == ["cancelled"]

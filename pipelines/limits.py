@@ -1,0 +1,45 @@
+"""Per-request limits from the settings (max size, steps, images, upload pixels), checked
+once when a request joins the job queue, so the UI, the Gradio API and the REST API all hit
+the same guard. GenerationRequest itself only rejects what can never work (width 7, NaN CFG);
+these are the operator's choice for a shared machine."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines.request import GenerationRequest
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_width: int = 2048
+    max_height: int = 2048
+    max_steps: int = 150
+    max_batch_images: int = 16
+    max_upload_pixels: int = 4096 * 4096
+
+    @classmethod
+    def from_settings(cls, settings) -> "RequestLimits":
+        return cls(max_width=settings.max_width, max_height=settings.max_height, max_steps=settings.max_steps,
+                   max_batch_images=settings.max_batch_images, max_upload_pixels=settings.max_upload_pixels)
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ValueError naming every limit the request exceeds and the setting to change."""
+        problems = []
+        if request.width > self.max_width:
+            problems.append(f"width {request.width} is above this server's limit of {self.max_width} (max_width)")
+        if request.height > self.max_height:
+            problems.append(f"height {request.height} is above this server's limit of {self.max_height} (max_height)")
+        if request.steps > self.max_steps:
+            problems.append(f"steps {request.steps} is above this server's limit of {self.max_steps} (max_steps)")
+        if request.total_images > self.max_batch_images:
+            problems.append(f"batch count x batch size = {request.total_images} images is above this server's "
+                            f"limit of {self.max_batch_images} (max_batch_images)")
+        for name in ("init_image", "mask"):
+            image = getattr(request, name)
+            if image is not None and image.width * image.height > self.max_upload_pixels:
+                problems.append(f"{name.replace('_', ' ')} {image.width}x{image.height} has more pixels than "
+                                f"this server accepts ({self.max_upload_pixels}, max_upload_pixels); scale it down")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    __call__ = check  # JobQueue(admit=limits)

@@ -1,0 +1,78 @@
+"""Request limits from the settings, and uploads decoded with byte and pixel limits."""
+import base64
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from pipelines.limits import RequestLimits
+from pipelines.request import GenerationRequest
+from pipelines.settings import Settings
+from pipelines.uploads import decode_image
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header for a huge all-black greyscale image, its IDAT a few KB of zlib."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = b"\x00" + b"\x00" * (width // 8)  # 1-bit greyscale rows, filter byte 0
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(row) for _ in range(min(height, 64))) + compressor.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+def test_limits_come_from_settings_and_name_every_problem():
+    limits = RequestLimits.from_settings(Settings(max_width=512, max_height=256, max_steps=10, max_batch_images=4,
+                                                  max_upload_pixels=64 * 64))
+    limits.check(GenerationRequest(width=512, height=256, steps=10, batch_count=2, batch_size=2))
+    with pytest.raises(ValueError) as raised:
+        limits.check(GenerationRequest(width=520, height=264, steps=11, batch_count=5))
+    message = str(raised.value)
+    for part in ("width 520 is above this server's limit of 512 (max_width)", "height 264", "steps 11",
+                 "= 5 images is above this server's limit of 4"):
+        assert part in message
+    with pytest.raises(ValueError, match=r"init image 65x64 has more pixels than this server accepts"):
+        limits.check(GenerationRequest(task="img2img", init_image=Image.new("RGB", (65, 64))))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(width=0), "width must be a multiple of 8"), (dict(width=7), "width must be a multiple of 8"),
+    (dict(width=100000), "width must be a multiple of 8"), (dict(steps=-1), "steps must be between"),
+    (dict(steps=10**6), "steps must be between"), (dict(cfg_scale=float("nan")), "CFG scale must be between"),
+])
+def test_impossible_values_are_refused_by_the_request_itself(changes, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationRequest(**changes)
+
+
+def test_decode_refuses_bombs_before_decoding_and_non_images_and_big_files():
+    bomb = png_bomb(20000, 20000)
+    assert len(bomb) < 100_000
+    with pytest.raises(ValueError, match="more than .* pixels"):
+        decode_image(bomb)
+    with pytest.raises(ValueError, match="8000x8000, more than the 16777216 pixels"):
+        decode_image(png_bomb(8000, 8000))
+    with pytest.raises(ValueError, match="not a readable image"):
+        decode_image(b"%PDF-1.4 definitely not an image")
+    with pytest.raises(ValueError, match="above the 1 MB limit"):
+        decode_image(b"\0" * (2 << 20), max_bytes=1 << 20)
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 16), (1, 2, 3)).save(buf, "PNG")
+    good = buf.getvalue()
+    assert decode_image(good).getpixel((0, 0)) == (1, 2, 3)
+    with pytest.raises(ValueError, match="damaged or truncated"):
+        decode_image(good[:60])
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # PIL's global guard is left as it was
+
+
+def test_api_base64_images_go_through_the_guard():
+    data = GenerationRequest(task="img2img", init_image=Image.new("RGB", (64, 64))).to_dict()
+    data["init_image"] = base64.b64encode(png_bomb(20000, 20000)).decode()
+    with pytest.raises(ValueError, match="pixels"):
+        GenerationRequest.from_dict(data)
+    data["init_image"] = "not base64!!"
+    with pytest.raises(ValueError, match="not valid base64"):
+        GenerationRequest.from_dict(data)
