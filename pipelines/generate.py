@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from pipelines import imageops, samplers
+from pipelines.control import apply as control
 from pipelines.jobs import CancelToken, Progress, ProgressSink
 from pipelines.manager import ActivePipeline, PipelineManager
 from pipelines.metadata import format_infotext
@@ -33,13 +34,14 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
     cancel = cancel or CancelToken()
     base_seed = resolve_seed(request.seed)
     images, infotexts, seeds, paths = [], [], [], []
-    with manager.pipeline(request.task, request.checkpoint, request.vae) as active:
-        params_common = _infotext_params(manager, active, request)
+    with manager.pipeline(request.task, request.checkpoint, request.vae) as active, \
+            control.attach(manager, active, request) as (active, control_kwargs):
+        params_common = _infotext_params(manager, active, request) | control.infotext_params(manager, request)
         for batch_index in range(request.batch_count):
             if cancel.cancelled:
                 break
             batch_seeds = [base_seed + batch_index * request.batch_size + i for i in range(request.batch_size)]
-            batch = _run_batch(active, request, batch_seeds, batch_index, progress, cancel)
+            batch = _run_batch(active, request, batch_seeds, batch_index, progress, cancel, control_kwargs)
             for image, seed in zip(batch, batch_seeds):
                 params = {**params_common, "Seed": seed}
                 params = {k: params[k] for k in _ordered_keys(params)}
@@ -56,7 +58,7 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
 # --- one batch -----------------------------------------------------------------------------
 
 def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[int], batch_index: int,
-               progress: ProgressSink, cancel: CancelToken) -> list[Image.Image]:
+               progress: ProgressSink, cancel: CancelToken, extra: dict | None = None) -> list[Image.Image]:
     pipe = active.pipe
     # seed: DPM++ SDE draws its Brownian noise from it, so the same seed gives the same image.
     pipe.scheduler = samplers.make_scheduler(request.sampler, request.schedule, dict(pipe.scheduler.config),
@@ -67,7 +69,8 @@ def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[i
     common: dict[str, Any] = dict(
         prompt=[request.prompt] * len(seeds), negative_prompt=[request.negative_prompt] * len(seeds),
         num_inference_steps=request.steps, guidance_scale=request.cfg_scale, generator=generators,
-        output_type="latent", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+        output_type="latent", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"],
+        **(extra or {}))
 
     if request.task == "txt2img":
         latents = pipe(width=request.width, height=request.height, **common).images

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from PIL import Image
 
 from pipelines import samplers
+from pipelines.control.units import ControlUnit
 
 TASKS = ("txt2img", "img2img", "inpaint")
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
@@ -48,6 +49,7 @@ class GenerationRequest:
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: bool = False
     save_images: bool = True
+    control_units: tuple[ControlUnit, ...] = ()
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
@@ -57,6 +59,7 @@ class GenerationRequest:
         object.__setattr__(self, "sampler", sampler)
         object.__setattr__(self, "schedule", schedule)
         object.__setattr__(self, "resize_mode", _resize_mode_name(self.resize_mode))
+        object.__setattr__(self, "control_units", _control_units(self.control_units))
 
     def _problems(self):
         if self.task not in TASKS:
@@ -101,6 +104,7 @@ class GenerationRequest:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in _IMAGE_FIELDS:
             data[name] = _image_to_b64(data[name])
+        data["control_units"] = [unit.to_dict() for unit in self.control_units]
         return data
 
     @classmethod
@@ -128,6 +132,12 @@ class GenerationResult:
         data = asdict(self) | {"images": None}
         data["paths"] = [str(p) for p in self.paths]
         return data
+
+
+def _control_units(units: Any) -> tuple[ControlUnit, ...]:
+    if not isinstance(units, (list, tuple)):
+        raise ValueError("control_units must be a list of ControlNet units")
+    return tuple(u if isinstance(u, ControlUnit) else ControlUnit.from_dict(u) for u in units)
 
 
 def _resize_mode_name(value: Any) -> str | None:

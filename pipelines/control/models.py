@@ -1,0 +1,102 @@
+"""Loading ControlNet models, offline: diffusers folders, and single files in the lllyasviel /
+A1111 layout (`control_model.*` or bare LDM keys) or the diffusers key layout, each read with
+the bundled config of its base family (pipelines/configs/controlnet/<family>/config.json).
+
+The base family comes from the cross-attention width of the file's weights, so an SDXL
+ControlNet is refused with an SD1 checkpoint before anything runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from pipelines.arch import Arch
+from pipelines.loading import ModelLoadError, refuse_unsafe_pickle
+from pipelines.registry import ModelEntry
+
+# Cross-attention width -> base family. A ControlNet fits every checkpoint of its family.
+_FAMILY_BY_CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl", 64: "tinyworld"}
+_FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "tinyworld": "tiny-world"}
+
+
+def family_of_arch(arch: Arch) -> str | None:
+    """The ControlNet family a checkpoint architecture takes, None when none exists."""
+    return {Arch.SD1: "sd1", Arch.SD1_INPAINT: "sd1", Arch.SD2: "sd2", Arch.SD2_V: "sd2",
+            Arch.SDXL: "sdxl", Arch.TINYWORLD: "tinyworld"}.get(Arch(arch))
+
+
+def family_label(family: str | None) -> str:
+    return _FAMILY_LABELS.get(family or "", "an unknown base model")
+
+
+def family_of_entry(entry: ModelEntry) -> str | None:
+    """From the registry's probe (SD1/SD2/SDXL) or, for tiny models, the header's widths."""
+    family = family_of_arch(entry.arch)
+    if family is not None or entry.format != "safetensors":
+        return family
+    from pipelines import probe
+
+    return family_of_state_shapes({k: v.shape for k, v in probe.read_safetensors_header(entry.path).tensors.items()})
+
+
+def family_of_state_shapes(shapes: Mapping[str, Any]) -> str | None:
+    for key, shape in shapes.items():
+        if key.endswith("attn2.to_k.weight") and len(shape) == 2:
+            return _FAMILY_BY_CONTEXT_DIM.get(int(shape[-1]))
+    return None
+
+
+def config_dir(family: str) -> Path:
+    return Path(__file__).resolve().parents[1] / "configs" / "controlnet" / family
+
+
+def check_compatible(entry: ModelEntry, family: str | None, checkpoint_arch: Arch, checkpoint_name: str) -> None:
+    """Refuse a ControlNet made for another base model, with what to pick instead."""
+    wanted = family_of_arch(checkpoint_arch)
+    if wanted is None:
+        raise ValueError(f"ControlNet does not work with {checkpoint_name} ({Arch(checkpoint_arch).value}); "
+                         "pick an SD1.x, SD2.x or SDXL checkpoint")
+    if family is not None and family != wanted:
+        raise ValueError(f"ControlNet {entry.name} is for {family_label(family)}, but the checkpoint "
+                         f"{checkpoint_name} is {family_label(wanted)}: pick a {family_label(wanted)} ControlNet")
+
+
+def load_controlnet(entry: ModelEntry, dtype: torch.dtype):
+    """A ControlNetModel on the CPU, in eval mode. Raises ModelLoadError with a user message."""
+    from diffusers import ControlNetModel
+
+    try:
+        if entry.format == "diffusers":
+            model = ControlNetModel.from_pretrained(entry.path, local_files_only=True, torch_dtype=dtype)
+        else:
+            state = read_state_dict(entry.path)
+            family = family_of_state_shapes({k: tuple(v.shape) for k, v in state.items()})
+            if family is None:
+                raise ModelLoadError(f"{entry.name} is not a ControlNet this version can read (no cross-attention "
+                                     "weights found); T2I-Adapters and IP-Adapters are other kinds")
+            model = ControlNetModel.from_single_file(state, config=str(config_dir(family)), local_files_only=True,
+                                                     torch_dtype=dtype)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        text = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
+        raise ModelLoadError(f"ControlNet {entry.name} could not be loaded: {text}") from exc
+    return model.requires_grad_(False).eval()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    refuse_unsafe_pickle(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    while isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def loaded_family(model) -> str | None:
+    return _FAMILY_BY_CONTEXT_DIM.get(int(model.config.cross_attention_dim))

@@ -1,0 +1,219 @@
+"""ControlNet preprocessors ("modules" in the A1111 extension): image -> control map.
+
+The weight-free ones (none, invert, canny, threshold, scribble_xdog, shuffle, tile_resample,
+blur_gaussian) are ours, with OpenCV and numpy, and always work. The ones that need annotator
+networks (lineart, HED/PiDiNet soft edges, depth, openpose, mlsd, normal, segmentation) are
+listed with the file they need: `controlnet_aux` cannot be imported here (its package imports
+torchvision-based detectors at import time, and torchvision does not match our torch build),
+so they report exactly which file goes where and why they cannot run.
+
+Thresholds follow the extension: -1 means "the preprocessor's default".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+ANNOTATORS_FOLDER = "annotators"
+_AUX_REPO = "lllyasviel/Annotators"
+
+
+@dataclass(frozen=True)
+class Slider:
+    label: str
+    default: float
+    minimum: float
+    maximum: float
+    step: float = 1.0
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    name: str
+    run: Callable[[np.ndarray, float, float], np.ndarray] | None  # RGB uint8 HWC -> RGB uint8 HWC
+    threshold_a: Slider | None = None
+    threshold_b: Slider | None = None
+    annotator: str | None = None  # file it needs, relative to models/annotators/
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.annotator is not None
+
+    def value_a(self, value: float) -> float:
+        return self.threshold_a.default if self.threshold_a and value == -1 else value
+
+    def value_b(self, value: float) -> float:
+        return self.threshold_b.default if self.threshold_b and value == -1 else value
+
+
+class PreprocessorUnavailable(ValueError):
+    """A preprocessor that needs an annotator network this install cannot run."""
+
+
+# --- the weight-free ones --------------------------------------------------------------------
+
+def _none(image: np.ndarray, _a: float, _b: float) -> np.ndarray:
+    return image
+
+
+def _invert(image: np.ndarray, _a: float, _b: float) -> np.ndarray:
+    return 255 - image  # "invert (from white bg & black line)": black lines on white -> white on black
+
+
+def _canny(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    import cv2
+
+    return _rgb(cv2.Canny(image, int(low), int(high)))
+
+
+def _threshold(image: np.ndarray, level: float, _b: float) -> np.ndarray:
+    import cv2
+
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    if level <= 0:  # 0: Otsu picks the level, as the extension's "binary" does
+        _, out = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    else:
+        _, out = cv2.threshold(gray, int(level), 255, cv2.THRESH_BINARY)
+    return _rgb(out)
+
+
+def _scribble_xdog(image: np.ndarray, threshold: float, _b: float) -> np.ndarray:
+    import cv2
+
+    # Difference of Gaussians, strongest (most negative) channel: white strokes on black.
+    fine = cv2.GaussianBlur(image.astype(np.float32), (0, 0), 0.5)
+    coarse = cv2.GaussianBlur(image.astype(np.float32), (0, 0), 5.0)
+    dog = np.min(fine - coarse, axis=2)
+    return _rgb(np.where(dog < -threshold, 255, 0).astype(np.uint8))
+
+
+def _shuffle(image: np.ndarray, _a: float, _b: float) -> np.ndarray:
+    import cv2
+
+    # Content shuffle: remap pixels along a smooth random flow. Seeded, so the same image gives
+    # the same map (and the same generation) every time.
+    h, w = image.shape[:2]
+    rng = np.random.default_rng(0)
+    scale = max(h, w) // 8 or 1
+
+    def flow(size: int) -> np.ndarray:
+        coarse = rng.random((max(2, h // scale), max(2, w // scale))).astype(np.float32)
+        return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC) * (size - 1)
+
+    return cv2.remap(image, flow(w), flow(h), interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+def _tile_resample(image: np.ndarray, rate: float, _b: float) -> np.ndarray:
+    import cv2
+
+    if rate <= 1:
+        return image
+    h, w = image.shape[:2]
+    return cv2.resize(image, (max(1, int(w / rate)), max(1, int(h / rate))), interpolation=cv2.INTER_AREA)
+
+
+def _blur_gaussian(image: np.ndarray, sigma: float, _b: float) -> np.ndarray:
+    import cv2
+
+    return image if sigma <= 0 else cv2.GaussianBlur(image, (0, 0), float(sigma))
+
+
+def _rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _needs(name: str, annotator: str, *aliases: str) -> Preprocessor:
+    return Preprocessor(name=name, run=None, annotator=annotator, aliases=aliases)
+
+
+_ALL = (
+    Preprocessor("none", _none),
+    Preprocessor("invert", _invert, aliases=("invert (from white bg & black line)",)),
+    Preprocessor("canny", _canny, Slider("Canny low threshold", 100, 1, 255),
+                 Slider("Canny high threshold", 200, 1, 255)),
+    Preprocessor("threshold", _threshold, Slider("Binary threshold (0: automatic)", 0, 0, 255),
+                 aliases=("binary", "scribble_threshold")),
+    Preprocessor("scribble_xdog", _scribble_xdog, Slider("XDoG threshold", 32, 1, 64), aliases=("scribble",)),
+    Preprocessor("shuffle", _shuffle, aliases=("content_shuffle",)),
+    Preprocessor("tile_resample", _tile_resample, Slider("Down sampling rate", 1.0, 1.0, 8.0, 0.01),
+                 aliases=("tile",)),
+    Preprocessor("blur_gaussian", _blur_gaussian, Slider("Sigma", 9.0, 0.01, 64.0, 0.01), aliases=("blur",)),
+    _needs("lineart_realistic", f"{_AUX_REPO}/sk_model.pth", "lineart"),
+    _needs("lineart_coarse", f"{_AUX_REPO}/sk_model2.pth"),
+    _needs("lineart_anime", f"{_AUX_REPO}/netG.pth"),
+    _needs("softedge_hed", f"{_AUX_REPO}/ControlNetHED.pth", "hed", "softedge"),
+    _needs("softedge_pidinet", f"{_AUX_REPO}/table5_pidinet.pth", "pidinet"),
+    _needs("depth_midas", f"{_AUX_REPO}/dpt_hybrid-midas-501f0c75.pt", "depth"),
+    _needs("depth_zoe", f"{_AUX_REPO}/ZoeD_M12_N.pt"),
+    _needs("depth_anything", "LiheYoung/Depth-Anything/checkpoints/depth_anything_vitl14.pth"),
+    _needs("openpose", f"{_AUX_REPO}/body_pose_model.pth"),
+    _needs("openpose_hand", f"{_AUX_REPO}/hand_pose_model.pth"),
+    _needs("openpose_face", f"{_AUX_REPO}/facenet.pth"),
+    _needs("openpose_full", f"{_AUX_REPO}/body_pose_model.pth"),
+    _needs("mlsd", f"{_AUX_REPO}/mlsd_large_512_fp32.pth"),
+    _needs("normal_bae", f"{_AUX_REPO}/scannet.pt", "normal"),
+    _needs("seg_ofade20k", f"{_AUX_REPO}/250_16_swin_l_oneformer_ade20k_160k.pth", "segmentation"),
+    _needs("seg_ufade20k", f"{_AUX_REPO}/upernet_global_small.pth"),
+)
+
+PREPROCESSORS = MappingProxyType({p.name: p for p in _ALL})
+_BY_ALIAS = MappingProxyType({alias: p.name for p in _ALL for alias in p.aliases})
+
+
+def names() -> list[str]:
+    return list(PREPROCESSORS)
+
+
+def get(name: str) -> Preprocessor:
+    key = (name or "none").strip().lower()
+    key = _BY_ALIAS.get(key, key)
+    if key not in PREPROCESSORS:
+        raise ValueError(f"unknown ControlNet preprocessor '{name}'; use one of: {', '.join(PREPROCESSORS)}")
+    return PREPROCESSORS[key]
+
+
+def annotator_path(preprocessor: Preprocessor, models_dir: Path) -> Path | None:
+    return None if preprocessor.annotator is None else models_dir / ANNOTATORS_FOLDER / preprocessor.annotator
+
+
+def unavailable_reason(preprocessor: Preprocessor, models_dir: Path) -> str | None:
+    """None when the preprocessor can run, else what to do about it."""
+    path = annotator_path(preprocessor, models_dir)
+    if path is None:
+        return None
+    where = f"put {Path(preprocessor.annotator).name} (from the {preprocessor.annotator.rsplit('/', 1)[0]} " \
+            f"repository) at {path}"
+    if not path.is_file():
+        return f"preprocessor '{preprocessor.name}' needs its annotator network: {where}"
+    return (f"preprocessor '{preprocessor.name}' found {path}, but its network runs through controlnet_aux, "
+            "which cannot be imported without torchvision (not installable for this torch build); "
+            "use a weight-free preprocessor (canny, scribble_xdog, threshold, ...) or upload a ready-made "
+            "control map with preprocessor 'none'")
+
+
+def detect(name: str, image: Image.Image, *, resolution: int = 512, threshold_a: float = -1,
+           threshold_b: float = -1, models_dir: Path | None = None) -> Image.Image:
+    """Run one preprocessor on an image at `resolution` (short side; -1 keeps the size)."""
+    preprocessor = get(name)
+    if preprocessor.run is None:
+        raise PreprocessorUnavailable(unavailable_reason(preprocessor, models_dir or Path("models")))
+    source = image.convert("RGB")
+    if resolution and resolution > 0 and preprocessor.name != "none":
+        source = _short_side(source, int(resolution))
+    out = preprocessor.run(np.asarray(source).copy(), preprocessor.value_a(threshold_a),
+                           preprocessor.value_b(threshold_b))
+    return Image.fromarray(np.ascontiguousarray(out, dtype=np.uint8), "RGB")
+
+
+def _short_side(image: Image.Image, size: int) -> Image.Image:
+    scale = size / min(image.size)
+    if scale == 1:
+        return image
+    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    return image.resize((width, height), Image.LANCZOS if scale < 1 else Image.BICUBIC)

@@ -1,0 +1,233 @@
+"""ControlUnit: one control unit of a request, with the fields and names of the A1111
+ControlNet extension (Mikubill/sd-webui-controlnet), so UI, API and infotext share one shape.
+
+A unit is frozen and validated; `to_dict`/`from_dict` round-trip it through JSON (the image as
+base64 PNG); `from_a1111` reads what API clients send in `alwayson_scripts.ControlNet.args`;
+`infotext_value`/`from_infotext` write and read `ControlNet N: "Module: ..., Weight: 1, ..."`.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from PIL import Image
+
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+NO_MODEL = "None"
+# Older extension versions and some clients use these labels.
+_RESIZE_ALIASES = {"scale to fit (inner fit)": "Crop and Resize", "envelope (outer fit)": "Resize and Fill",
+                   "inner fit": "Crop and Resize", "outer fit": "Resize and Fill"}
+_CONTROL_ALIASES = {"balanced": 0, "prompt": 1, "my prompt is more important": 1,
+                    "controlnet": 2, "control": 2, "controlnet is more important": 2}
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    enabled: bool = True
+    module: str = "none"  # the preprocessor
+    model: str = NO_MODEL  # a models/ControlNet entry (name, stem or "name [hash]")
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: str = "Balanced"
+    resize_mode: str = "Crop and Resize"
+    pixel_perfect: bool = False
+    processor_res: int = 512
+    threshold_a: float = -1.0  # -1: the preprocessor's default
+    threshold_b: float = -1.0
+    image: Image.Image | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "control_mode", control_mode_name(self.control_mode))
+        object.__setattr__(self, "resize_mode", resize_mode_name(self.resize_mode))
+        object.__setattr__(self, "module", (self.module or "none").strip())
+        object.__setattr__(self, "model", (self.model or NO_MODEL).strip() or NO_MODEL)
+        problems = []
+        if not 0.0 <= float(self.weight) <= 2.0:
+            problems.append(f"ControlNet weight must be between 0 and 2, got {self.weight}")
+        if not 0.0 <= self.guidance_start <= self.guidance_end <= 1.0:
+            problems.append("ControlNet guidance start/end must satisfy 0 <= start <= end <= 1, got "
+                            f"{self.guidance_start}/{self.guidance_end}")
+        if self.processor_res != -1 and not 64 <= int(self.processor_res) <= 4096:
+            problems.append(f"ControlNet processor resolution must be between 64 and 4096, got {self.processor_res}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def active(self) -> bool:
+        """Enabled and with a model: only such units take part in generation."""
+        return bool(self.enabled) and self.model != NO_MODEL
+
+    def with_changes(self, **changes: Any) -> "ControlUnit":
+        return replace(self, **changes)
+
+    # --- JSON ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["image"] = image_to_b64(self.image)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ControlUnit":
+        if not isinstance(data, Mapping):
+            raise ValueError("each ControlNet unit must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ControlNet unit field(s): {', '.join(unknown)}")
+        values = dict(data)
+        if isinstance(values.get("image"), str):
+            values["image"] = b64_to_image(values["image"])
+        return cls(**values)
+
+    # --- the A1111 extension's API shape ---------------------------------------------------
+
+    @classmethod
+    def from_a1111(cls, data: Mapping[str, Any]) -> "ControlUnit":
+        """A unit from `alwayson_scripts.ControlNet.args[i]` (sd-webui-controlnet field names).
+        Unknown extension fields (low_vram, save_detected_map, hr_option, ...) are ignored."""
+        if not isinstance(data, Mapping):
+            raise ValueError("each ControlNet unit must be a JSON object")
+        values: dict[str, Any] = {}
+        for name in ("enabled", "module", "model", "pixel_perfect"):
+            if name in data and data[name] is not None:
+                values[name] = data[name]
+        for name in ("weight", "guidance_start", "guidance_end", "threshold_a", "threshold_b"):
+            if data.get(name) is not None:
+                values[name] = _float(data[name], name)
+        res = data.get("processor_res", data.get("processor_resolution"))
+        if res is not None:
+            values["processor_res"] = int(_float(res, "processor_res"))
+        if data.get("control_mode") is not None:
+            values["control_mode"] = data["control_mode"]
+        elif data.get("guessmode"):  # the extension's pre-1.1 flag
+            values["control_mode"] = CONTROL_MODES[2]
+        if data.get("resize_mode") is not None:
+            values["resize_mode"] = data["resize_mode"]
+        image = data.get("image", data.get("input_image"))
+        if isinstance(image, Mapping):  # {"image": b64, "mask": b64} from the extension's UI shape
+            image = image.get("image")
+        if isinstance(image, str) and image:
+            values["image"] = b64_to_image(image)
+        elif isinstance(image, Image.Image):
+            values["image"] = image
+        return cls(**values)
+
+    # --- infotext ---------------------------------------------------------------------------
+
+    def infotext_value(self, model_title: str | None = None) -> str:
+        """The value after `ControlNet N: ` (unquoted), in the extension's order."""
+        parts = [("Module", self.module), ("Model", model_title or self.model), ("Weight", _num(self.weight)),
+                 ("Resize Mode", self.resize_mode), ("Processor Res", self.processor_res),
+                 ("Threshold A", _num(self.threshold_a)), ("Threshold B", _num(self.threshold_b)),
+                 ("Guidance Start", _num(self.guidance_start)), ("Guidance End", _num(self.guidance_end)),
+                 ("Pixel Perfect", self.pixel_perfect), ("Control Mode", self.control_mode)]
+        return ", ".join(f"{k}: {v}" for k, v in parts)
+
+    @classmethod
+    def from_infotext(cls, value: str) -> "ControlUnit":
+        """A unit (without its image, which infotext cannot carry) from `ControlNet N`'s value."""
+        pairs = dict(_split_pairs(value))
+        table = {"Module": "module", "Model": "model", "Weight": "weight", "Resize Mode": "resize_mode",
+                 "Processor Res": "processor_res", "Threshold A": "threshold_a", "Threshold B": "threshold_b",
+                 "Guidance Start": "guidance_start", "Guidance End": "guidance_end",
+                 "Pixel Perfect": "pixel_perfect", "Control Mode": "control_mode"}
+        values: dict[str, Any] = {}
+        for key, name in table.items():
+            if key not in pairs:
+                continue
+            text = pairs[key]
+            if name in ("weight", "threshold_a", "threshold_b", "guidance_start", "guidance_end"):
+                values[name] = _float(text, key)
+            elif name == "processor_res":
+                values[name] = int(_float(text, key))
+            elif name == "pixel_perfect":
+                values[name] = text.strip().lower() == "true"
+            else:
+                values[name] = text
+        return cls(**values)
+
+
+def units_from_infotext(params: Mapping[str, Any]) -> list[ControlUnit]:
+    """Units from parsed infotext params (`ControlNet 0`, `ControlNet 1`, ...), in order.
+    Unreadable entries are skipped: pasting restores what it can."""
+    found = []
+    for key, value in params.items():
+        match = re.fullmatch(r"ControlNet (\d+)", str(key))
+        if match and isinstance(value, str):
+            try:
+                found.append((int(match.group(1)), ControlUnit.from_infotext(value)))
+            except ValueError:
+                continue
+    return [unit for _, unit in sorted(found, key=lambda pair: pair[0])]
+
+
+def control_mode_name(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(CONTROL_MODES):
+        return CONTROL_MODES[value]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return control_mode_name(int(text))
+        key = text.casefold().replace("controlmode.", "")
+        if key in _CONTROL_ALIASES:
+            return CONTROL_MODES[_CONTROL_ALIASES[key]]
+    raise ValueError(f"ControlNet control mode must be one of {', '.join(CONTROL_MODES)} (or 0, 1, 2), got {value!r}")
+
+
+def resize_mode_name(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(RESIZE_MODES):
+        return RESIZE_MODES[value]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return resize_mode_name(int(text))
+        key = text.casefold().replace("resizemode.", "")
+        for name in RESIZE_MODES:
+            if key == name.casefold():
+                return name
+        if key in _RESIZE_ALIASES:
+            return _RESIZE_ALIASES[key]
+    raise ValueError(f"ControlNet resize mode must be one of {', '.join(RESIZE_MODES)} (or 0, 1, 2), got {value!r}")
+
+
+def _split_pairs(value: str):
+    for part in value.split(","):
+        if ":" in part:
+            key, _, text = part.partition(":")
+            yield key.strip(), text.strip()
+
+
+def _float(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"ControlNet {name} must be a number, got {value!r}") from None
+
+
+def _num(value: float):
+    return int(value) if float(value).is_integer() else value
+
+
+def image_to_b64(image: Image.Image | None) -> str | None:
+    if image is None:
+        return None
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def b64_to_image(text: str) -> Image.Image:
+    if text.startswith("data:"):
+        text = text.split(",", 1)[-1]
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+        image.load()
+    except Exception as exc:  # PIL raises many types for bad data
+        raise ValueError("ControlNet image is not valid base64 PNG/JPEG/WebP data") from exc
+    return image

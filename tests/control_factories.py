@@ -1,0 +1,66 @@
+"""Tiny ControlNets for tests, made from a UNet with `ControlNetModel.from_unet` and given
+non-zero random zero-convolutions (a fresh ControlNet outputs exact zeros, so it could not show
+that weights, guidance and modes do anything). Saved as users get them: one single file in the
+lllyasviel/A1111 LDM key layout (`control_model.*`), or in the diffusers key layout."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from pipelines.ldm_convert import unet_to_ldm
+
+
+def tiny_controlnet(unet, seed: int = 0, zero_conv_std: float = 0.05, family: str = "tinyworld"):
+    from diffusers import ControlNetModel
+
+    from pipelines.control.models import config_dir
+
+    hint = ControlNetModel.load_config(config_dir(family))["conditioning_embedding_out_channels"]
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(hint))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                param.copy_(torch.randn(param.shape, generator=generator) * zero_conv_std)
+    return controlnet.eval()
+
+
+def controlnet_to_ldm(controlnet) -> dict[str, torch.Tensor]:
+    """diffusers ControlNetModel -> `control_model.*` keys as lllyasviel's files hold them."""
+    state = controlnet.state_dict()
+    shared = {k: v for k, v in state.items() if not k.startswith(("controlnet_", "controlnet_cond_embedding"))}
+    # unet_to_ldm needs a whole UNet's layout; a ControlNet is its encoder half.
+    config = dict(controlnet.config) | {"up_block_types": ["UpBlock2D"] * len(controlnet.config.down_block_types)}
+    out = {f"control_model.{k}": v for k, v in unet_to_ldm(shared, config).items()}
+    for key, tensor in state.items():
+        if key.startswith("controlnet_cond_embedding."):
+            rest = key[len("controlnet_cond_embedding."):]
+            match = re.fullmatch(r"blocks\.(\d+)\.(weight|bias)", rest)
+            if match:
+                ldm = f"input_hint_block.{2 * (int(match.group(1)) + 1)}.{match.group(2)}"
+            else:
+                part, param = rest.split(".")
+                # conv_out sits at 14 in lllyasviel's files; diffusers' reader expects it there
+                ldm = f"input_hint_block.{0 if part == 'conv_in' else 14}.{param}"
+        elif key.startswith("controlnet_down_blocks."):
+            _, index, param = key.split(".")
+            ldm = f"zero_convs.{index}.0.{param}"
+        elif key.startswith("controlnet_mid_block."):
+            ldm = f"middle_block_out.0.{key.rsplit('.', 1)[1]}"
+        else:
+            continue
+        out[f"control_model.{ldm}"] = tensor
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def write_controlnet(path: Path, controlnet, layout: str = "ldm") -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = controlnet_to_ldm(controlnet) if layout == "ldm" else {
+        k: v.contiguous() for k, v in controlnet.state_dict().items()}
+    save_file(state, str(path))
+    return path

@@ -1,0 +1,133 @@
+"""ControlNet on tiny-world: a ControlNet built from tiny-world's own UNet (random, non-zero
+zero-convs) loads from a single file in both key layouts and steers generation as the weight,
+guidance range and control mode say. Compared against the model's own output without control."""
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+import torch
+
+from pipelines.control import ControlUnit
+from pipelines.generate import generate
+from pipelines.request import GenerationRequest
+from pipelines.settings import BUILTIN_MODELS_DIR
+from tests.control_factories import tiny_controlnet, write_controlnet
+from tests.integration.conftest import make_engine
+
+
+@pytest.fixture(scope="module")
+def control_engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("control")
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)
+    manager, outputs = make_engine(root, root / "data", builtin_dir=BUILTIN_MODELS_DIR)
+    with manager.pipeline("txt2img", None) as active:
+        unet = active.pipe.unet
+    folder = root / "models" / "ControlNet"
+    write_controlnet(folder / "control_tiny_canny.safetensors", tiny_controlnet(unet, seed=1), layout="ldm")
+    write_controlnet(folder / "diffusers_tiny_other.safetensors", tiny_controlnet(unet, seed=2), layout="diffusers")
+    # An SDXL ControlNet as the registry sees it: cross-attention 2048 wide (header is enough).
+    save_file({"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(4, 2048)},
+              str(folder / "diffusers_xl_canny_mid.safetensors"))
+    manager.registry.refresh()
+    return manager
+
+
+def square(size=64) -> Image.Image:
+    image = Image.new("RGB", (size, size))
+    ImageDraw.Draw(image).rectangle((16, 16, size - 17, size - 17), fill="white")
+    return image
+
+
+BASE = GenerationRequest(prompt="a red square on a blue background", width=64, height=64, steps=4, cfg_scale=5,
+                         seed=3, save_images=False)
+UNIT = ControlUnit(module="canny", model="control_tiny_canny", image=square())
+
+
+def run(manager, *units, **changes):
+    result = generate(manager, None, BASE.with_changes(control_units=tuple(units), **changes))
+    return np.asarray(result.images[0]).astype(np.float64), result.infotexts[0]
+
+
+@pytest.fixture(scope="module")
+def baseline(control_engine):
+    return run(control_engine)[0]
+
+
+@pytest.fixture(scope="module")
+def full(control_engine):
+    return run(control_engine, UNIT)
+
+
+def distance(a, b) -> float:
+    return float(np.abs(a - b).mean())
+
+
+def test_weight_zero_equals_no_controlnet_pixel_for_pixel(control_engine, baseline):
+    zero, _ = run(control_engine, UNIT.with_changes(weight=0))
+    assert np.array_equal(zero, baseline)
+
+
+def test_weight_one_changes_the_image_and_writes_infotext(control_engine, baseline, full):
+    image, infotext = full
+    assert distance(image, baseline) > 5
+    assert 'ControlNet 0: "Module: canny, Model: control_tiny_canny [' in infotext
+    assert "Weight: 1, Resize Mode: Crop and Resize, Processor Res: 512, Threshold A: 100, Threshold B: 200" in infotext
+    assert 'Guidance Start: 0, Guidance End: 1, Pixel Perfect: False, Control Mode: Balanced"' in infotext
+
+
+def test_guidance_end_half_lies_between_off_and_full(control_engine, baseline, full):
+    half, _ = run(control_engine, UNIT.with_changes(guidance_end=0.5))
+    whole = distance(full[0], baseline)
+    assert 0 < distance(half, baseline) < whole
+    assert 0 < distance(half, full[0]) < whole
+
+
+def test_two_units_combine(control_engine, baseline, full):
+    other = ControlUnit(module="none", model="diffusers_tiny_other", image=square())
+    alone, _ = run(control_engine, other)
+    both, infotext = run(control_engine, UNIT, other)
+    assert distance(both, full[0]) > 1 and distance(both, alone) > 1
+    assert "ControlNet 0: " in infotext and "ControlNet 1: " in infotext
+    # a disabled unit takes no part
+    disabled, _ = run(control_engine, UNIT, other.with_changes(enabled=False))
+    assert np.array_equal(disabled, full[0])
+
+
+def test_control_modes_differ(control_engine, full):
+    prompt_more, _ = run(control_engine, UNIT.with_changes(control_mode="My prompt is more important"))
+    control_more, _ = run(control_engine, UNIT.with_changes(control_mode=2))
+    assert distance(prompt_more, full[0]) > 1
+    assert distance(control_more, full[0]) > 1 and distance(control_more, prompt_more) > 1
+
+
+def test_img2img_and_inpaint_with_controlnet(control_engine):
+    init = Image.new("RGB", (64, 64), (40, 80, 200))
+    mask = Image.new("L", (64, 64))
+    ImageDraw.Draw(mask).rectangle((8, 8, 55, 55), fill=255)
+    for task, extra in (("img2img", {}), ("inpaint", {"mask": mask})):
+        changes = dict(task=task, init_image=init, denoising_strength=0.8, **extra)
+        off, _ = run(control_engine, **changes)
+        on, infotext = run(control_engine, UNIT.with_changes(image=None), **changes)  # the init image stands in
+        assert distance(on, off) > 1, task
+        assert "ControlNet 0" in infotext
+
+
+def test_sdxl_controlnet_with_sd1_class_checkpoint_is_refused(control_engine):
+    unit = UNIT.with_changes(model="diffusers_xl_canny_mid")
+    with pytest.raises(ValueError, match="is for SDXL, but the checkpoint .* is tiny-world: pick a tiny-world"):
+        run(control_engine, unit)
+    assert control_engine.load_counts["controlnet"] <= 2  # nothing was loaded for it
+
+
+def test_controlnet_stays_cached_and_base_pipeline_clean(control_engine, baseline):
+    loads = control_engine.load_counts["controlnet"]
+    run(control_engine, UNIT)
+    assert control_engine.load_counts["controlnet"] == loads
+    assert np.array_equal(run(control_engine)[0], baseline)
+
+
+def test_missing_image_and_unknown_model_are_clear(control_engine):
+    with pytest.raises(ValueError, match="has no input image"):
+        run(control_engine, UNIT.with_changes(image=None))
+    with pytest.raises(ValueError):
+        run(control_engine, UNIT.with_changes(model="no_such_controlnet"))
