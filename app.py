@@ -5,6 +5,7 @@ imports huggingface_hub (diffusers, transformers, gradio), so those are imported
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ from pipelines.offline import configure_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 PRESETS_DIR = PROJECT_ROOT / "presets"
+BUILTIN_EXTENSIONS_DIR = PROJECT_ROOT / "extensions" / "builtin"
 _TRUE = ("1", "true", "yes", "on")
 log = logging.getLogger("easel")
 
@@ -22,8 +24,6 @@ log = logging.getLogger("easel")
 def build_context(settings):
     """The engine, wired once: registry (scanned, headers only), manager, job queue, outputs.
     Nothing is loaded onto a device here; the first generation loads its model."""
-    import functools
-
     from pipelines.cache import ModelCache
     from pipelines.devices import resolve_device, resolve_dtype
     from pipelines.generate import generate
@@ -43,10 +43,31 @@ def build_context(settings):
     manager = PipelineManager(registry, ModelCache(settings.ram_cache_bytes()), device,
                               resolve_dtype(settings.precision, device))
     outputs = OutputStore(settings.outputs_dir)
-    jobs = JobQueue(functools.partial(generate, manager, outputs), max_queued_per_user=settings.max_queued_per_user,
+    extensions = load_app_extensions(settings)
+    jobs = JobQueue(functools.partial(generate, manager, outputs, hooks=extensions.hooks()),
+                    max_queued_per_user=settings.max_queued_per_user,
                     admit=RequestLimits.from_settings(settings))
     return AppContext(settings=settings, registry=registry, manager=manager, jobs=jobs,
-                      outputs=outputs, presets=load_presets(PRESETS_DIR), authenticator=authenticator(settings))
+                      outputs=outputs, presets=load_presets(PRESETS_DIR), authenticator=authenticator(settings),
+                      extensions=extensions)
+
+
+def load_app_extensions(settings):
+    """Built-in and user extensions; one that fails is listed with its error, never fatal."""
+    from extensions.loader import load_extensions
+    from extensions.state import ExtensionState
+
+    state = ExtensionState(settings.data_dir)
+    return load_extensions(BUILTIN_EXTENSIONS_DIR, settings.extensions_dir, state.disabled(),
+                           state.setting_values())
+
+
+def start_extensions(fastapi_app, ctx) -> None:
+    """After launch: mount extension routes under /ext/<name>/, then app_started hooks."""
+    from extensions.routes import mount_extension_routes
+
+    mount_extension_routes(fastapi_app, ctx.extensions)
+    ctx.extensions.hooks().app_started(fastapi_app)
 
 
 def build_app(settings):
@@ -68,6 +89,7 @@ def prepare_data_dirs(settings) -> None:
             (settings.models_root / name).mkdir(parents=True, exist_ok=True)
     if settings.embeddings_dir is None:
         settings.embeddings_root.mkdir(parents=True, exist_ok=True)
+    settings.extensions_dir.mkdir(parents=True, exist_ok=True)
 
 
 def authenticator(settings):
@@ -102,6 +124,18 @@ def mount_rest_api(fastapi_app, ctx) -> None:
     """Where the A1111-compatible /sdapi/v1 routes mount (a later issue); --api is a flag
     until then."""
     log.warning("--api: the REST API is not part of this version yet; only the Gradio API is served")
+
+
+def restart_process(blocks, delay_s: float = 1.0) -> None:
+    """The Extensions tab's Restart: answer the click, close the server, then start this same
+    command again in this process (sockets are not inherited across exec)."""
+    import threading
+
+    def again() -> None:
+        blocks.close()
+        os.execv(sys.executable, sys.orig_argv)
+
+    threading.Timer(delay_s, again).start()
 
 
 def online_requested(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
@@ -139,11 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"easel: {exc}", file=sys.stderr)
         return 2
+    ctx.restart = functools.partial(restart_process, blocks)
     fastapi_app, local_url, share_url = blocks.launch(prevent_thread_lock=True, **options)
     for line in launch_report(settings, users, local_url, share_url):
         print(f"easel: {line}", flush=True)
     if settings.api:
         mount_rest_api(fastapi_app, ctx)
+    start_extensions(fastapi_app, ctx)
     try:
         blocks.block_thread()
     finally:

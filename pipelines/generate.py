@@ -12,6 +12,7 @@ from PIL import Image, ImageFilter
 
 from pipelines import imageops, samplers
 from pipelines.control import apply as control
+from pipelines.hooks import NO_HOOKS, GenerationHooks, StepInfo
 from pipelines.jobs import CancelToken, Progress, ProgressSink
 from pipelines.manager import ActivePipeline, PipelineManager
 from pipelines.metadata import format_infotext
@@ -29,20 +30,27 @@ def resolve_seed(seed: int, rng: random.Random | None = None) -> int:
 
 
 def generate(manager: PipelineManager, outputs: OutputStore | None, request: GenerationRequest,
-             progress: ProgressSink | None = None, cancel: CancelToken | None = None) -> GenerationResult:
+             progress: ProgressSink | None = None, cancel: CancelToken | None = None,
+             hooks: GenerationHooks = NO_HOOKS) -> GenerationResult:
     progress = progress or (lambda _p: None)
     cancel = cancel or CancelToken()
+    request = hooks.before_generate(request)
     base_seed = resolve_seed(request.seed)
     images, infotexts, seeds, paths = [], [], [], []
+    loads_before = sum(manager.load_counts.values())
     with manager.pipeline(request.task, request.checkpoint, request.vae) as active, \
             control.attach(manager, active, request) as (active, control_kwargs):
-        params_common = _infotext_params(manager, active, request) | control.infotext_params(manager, request)
+        if sum(manager.load_counts.values()) != loads_before:
+            hooks.model_loaded(manager.snapshot())
+        params_common = hooks.extend_infotext(
+            request, _infotext_params(manager, active, request) | control.infotext_params(manager, request))
         for batch_index in range(request.batch_count):
             if cancel.cancelled:
                 break
             batch_seeds = [base_seed + batch_index * request.batch_size + i for i in range(request.batch_size)]
-            batch = _run_batch(active, request, batch_seeds, batch_index, progress, cancel, control_kwargs)
+            batch = _run_batch(active, request, batch_seeds, batch_index, progress, cancel, control_kwargs, hooks)
             for image, seed in zip(batch, batch_seeds):
+                image = hooks.after_image(image, request)
                 params = {**params_common, "Seed": seed}
                 params = {k: params[k] for k in _ordered_keys(params)}
                 text = format_infotext(request.prompt, request.negative_prompt, params)
@@ -51,6 +59,7 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
                 seeds.append(seed)
                 if outputs is not None and request.save_images:
                     paths.append(outputs.save(image, category=_CATEGORY[request.task], seed=seed, infotext=text))
+                    hooks.image_saved(paths[-1], text)
     return GenerationResult(images=images, infotexts=infotexts, seeds=seeds, paths=paths,
                             interrupted=cancel.cancelled)
 
@@ -58,14 +67,15 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
 # --- one batch -----------------------------------------------------------------------------
 
 def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[int], batch_index: int,
-               progress: ProgressSink, cancel: CancelToken, extra: dict | None = None) -> list[Image.Image]:
+               progress: ProgressSink, cancel: CancelToken, extra: dict | None = None,
+               hooks: GenerationHooks = NO_HOOKS) -> list[Image.Image]:
     pipe = active.pipe
     # seed: DPM++ SDE draws its Brownian noise from it, so the same seed gives the same image.
     pipe.scheduler = samplers.make_scheduler(request.sampler, request.schedule, dict(pipe.scheduler.config),
                                              seed=seeds[0])
     # CPU generators: the same seed gives the same noise on every device (A1111 "RNG: CPU").
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    callback = _step_callback(active, request, batch_index, progress, cancel)
+    callback = _step_callback(active, request, batch_index, progress, cancel, hooks, tuple(seeds))
     common: dict[str, Any] = dict(
         prompt=[request.prompt] * len(seeds), negative_prompt=[request.negative_prompt] * len(seeds),
         num_inference_steps=request.steps, guidance_scale=request.cfg_scale, generator=generators,
@@ -137,7 +147,8 @@ def _mean_colour(image: Image.Image, keep: Image.Image) -> tuple[int, int, int]:
 # --- progress --------------------------------------------------------------------------------
 
 def _step_callback(active: ActivePipeline, request: GenerationRequest, batch_index: int,
-                   progress: ProgressSink, cancel: CancelToken):
+                   progress: ProgressSink, cancel: CancelToken, hooks: GenerationHooks = NO_HOOKS,
+                   seeds: tuple[int, ...] = ()):
     def on_step_end(pipe, step: int, _timestep, tensors: dict) -> dict:
         total = getattr(pipe, "num_timesteps", None) or request.steps
         preview = None
@@ -145,6 +156,8 @@ def _step_callback(active: ActivePipeline, request: GenerationRequest, batch_ind
             preview = latent_preview(pipe.vae, tensors["latents"][0], sdxl=active.arch.is_sdxl)
         progress(Progress(step=step + 1, total_steps=total, batch_index=batch_index,
                           batch_count=request.batch_count, preview=preview))
+        hooks.on_step(StepInfo(step=step + 1, total_steps=total, batch_index=batch_index,
+                               batch_count=request.batch_count, seeds=seeds, request=request))
         if cancel.cancelled:
             pipe._interrupt = True  # diffusers skips the remaining steps; we decode what we have
         return {}

@@ -88,6 +88,10 @@ class Settings:
         return self.data_dir / "outputs"
 
     @property
+    def extensions_dir(self) -> Path:
+        return self.data_dir / "extensions"
+
+    @property
     def cache_file(self) -> Path:
         return self.data_dir / "cache.json"
 
@@ -184,7 +188,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="allow Hugging Face downloads (off by default)")
     p.add_argument("--enable-insecure-extension-access", dest="enable_insecure_extension_access",
                    action="store_true", default=None,
-                   help="allow installing extensions even with --listen/--share")
+                   help="allow installing extensions (arbitrary code) with --listen/--share, for logged-in users only")
     p.add_argument("--max-queued-per-user", dest="max_queued_per_user", type=int)
     for name in ("max_width", "max_height", "max_steps", "max_batch_images", "max_upload_pixels"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int)

@@ -16,3 +16,5 @@ class AppContext:
     outputs: Any  # pipelines.outputs.OutputStore
     presets: list = field(default_factory=list)  # ui.presets.Preset, for per-model defaults
     authenticator: Any = None  # pipelines.access.Authenticator when a login is required
+    extensions: Any = None  # extensions.loader.ExtensionSet
+    restart: Any = None  # callable that restarts the app (set by app.main); None: restart by hand

@@ -11,6 +11,7 @@ from ui import forms
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
+from ui.extension_slots import extension_accordions
 from ui.generation import owner_of, stream_job, wire_generate_buttons
 from ui.request_builder import IMG2IMG_FIELDS, IMG2IMG_MODES, INPAINT_AREAS, MODEL_FIELDS, img2img_request
 from ui.topbar import preset_for_checkpoint
@@ -31,6 +32,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
                 forms.sampling_controls(reg, TAB, preset)
                 reg.add(f"{TAB}.denoising_strength", gr.Slider(
                     0, 1, value=0.75, step=0.01, label="Denoising strength", elem_id="img2img_denoising_strength"))
+                extension_accordions(ctx, reg, TAB)
             with gr.Column(scale=1):
                 forms.results_panel(reg, TAB, {})
     forms.wire_form(reg, TAB)

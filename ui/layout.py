@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ui import img2img, merger_tab, png_info, queue_panel, settings_tab, topbar, transfers, txt2img
+from ui import extensions_tab, img2img, merger_tab, png_info, queue_panel, settings_tab, topbar, transfers, txt2img
 from ui.components import ComponentRegistry
 from ui.context import AppContext
+from ui.extension_slots import extension_tabs
 
 # Gradio 6 takes theme and css at launch(); app.main passes these.
 CSS = """
@@ -28,6 +29,8 @@ def build_ui(ctx: AppContext) -> tuple[gr.Blocks, ComponentRegistry]:
             img2img.build(ctx, reg)
             png_info.build(ctx, reg)
             merger_tab.build(ctx, reg)
+            extension_tabs(ctx, reg)
+            extensions_tab.build(ctx, reg)
             settings_tab.build(ctx, reg)
         queue_panel.build(ctx, reg)
         topbar.wire(ctx, reg)

@@ -9,6 +9,7 @@ from ui import forms
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
+from ui.extension_slots import extension_accordions
 from ui.generation import owner_of, stream_job, wire_generate_buttons
 from ui.request_builder import MODEL_FIELDS, TXT2IMG_FIELDS, txt2img_request
 from ui.topbar import preset_for_checkpoint
@@ -23,6 +24,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 forms.sampling_controls(reg, TAB, preset)
+                extension_accordions(ctx, reg, TAB)
             with gr.Column(scale=1):
                 forms.results_panel(reg, TAB, {"send_to_img2img": "Send to img2img"})
     forms.wire_form(reg, TAB)

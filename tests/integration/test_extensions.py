@@ -1,0 +1,239 @@
+"""Extensions end to end on a tiny model: install from a real local git repository (file://),
+hooks that change the seed and draw a border, update to a new commit, disable, uninstall; broken
+extensions that must not stop loading or generation; the access rule for exposed servers."""
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extensions.actions import ExtensionActions
+from extensions.loader import ExtensionSet, load_extensions
+from extensions.state import ExtensionState
+from pipelines.generate import generate
+from pipelines.metadata import parse_infotext
+from pipelines.request import GenerationRequest
+from pipelines.settings import Settings
+from tests.extension_repos import commit_new_version, make_repo, write_extension
+
+BASE = dict(prompt="a red circle", width=64, height=64, steps=2, cfg_scale=5, sampler="Euler",
+            checkpoint="tinyA.safetensors", save_images=False)
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def run(manager, hooks=None, outputs=None, **changes):
+    kwargs = {"hooks": hooks} if hooks is not None else {}
+    return generate(manager, outputs, GenerationRequest(**{**BASE, **changes}), **kwargs)
+
+
+def border_and_inside(image):
+    a = np.asarray(image)
+    edge = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3),
+                           a[:, -2:].reshape(-1, 3)])
+    return edge, a[2:-2, 2:-2]
+
+
+def actions_for(data_dir: Path, builtin_dir: Path, **settings) -> ExtensionActions:
+    s = Settings(data_dir=data_dir, **settings)
+    return ExtensionActions(s, ExtensionSet([]), builtin_dir)
+
+
+def load(actions: ExtensionActions) -> ExtensionSet:
+    state = actions.state
+    return load_extensions(actions.builtin_dir, actions.user_dir, state.disabled(), state.setting_values())
+
+
+@pytest.fixture(scope="module")
+def plain(engine):
+    """The same requests without extensions: seed 100 and seed 101."""
+    manager, _ = engine
+    return {seed: run(manager, seed=seed).images[0] for seed in (100, 101)}
+
+
+def test_install_hooks_update_disable_uninstall_from_a_local_git_repo(engine, plain, tmp_path):
+    manager, outputs = engine
+    repo = tmp_path / "repo"
+    first_commit = make_repo(repo, border=RED)
+    actions = actions_for(tmp_path / "data", tmp_path / "no-builtin")
+
+    message = actions.install(f"file://{repo}", "", "", None)
+    installed = tmp_path / "data" / "extensions" / "sample"
+    assert (installed / ".git").is_dir() and "Installed **sample** 1.0" in message
+    assert "easel-surely-not-installed-pkg" in message and "packaging" not in message.split("installed:")[-1]
+    row = actions.rows()[0]
+    assert (row.name, row.version, row.source_url, row.commit) == ("sample", "1.0", f"file://{repo}", first_commit)
+    assert row.status == "installed; restart to load"
+
+    exts = load(actions)
+    record = exts.find("sample")
+    assert record.loaded and record.error is None and record.load_time_s > 0
+    assert [title for _r, title, _b in exts.tabs()] == ["Sample"]
+    assert [title for _r, title, _b in exts.accordions("txt2img")] == ["Sample options"]
+    assert list(exts.preprocessors()) == ["sample-invert"]
+    assert [r.path for r in exts.routes()] == ["/ext/sample/ping"]
+
+    result = run(manager, hooks=exts.hooks(), outputs=outputs, seed=100, save_images=True)
+    # before_generate moved the seed: infotext, seeds and pixels are those of seed 101
+    assert result.seeds == [101]
+    fields = parse_infotext(result.infotexts[0])
+    assert str(fields["Seed"]) == "101" and fields["Sample ext"] == "1.0"
+    edge, inside = border_and_inside(result.images[0])
+    assert (edge == RED).all()
+    assert np.array_equal(inside, border_and_inside(plain[101])[1])
+    with __import__("PIL.Image").Image.open(result.paths[0]) as saved:  # the saved file has the border
+        assert (border_and_inside(saved.convert("RGB"))[0] == RED).all()
+
+    # a new commit upstream: check, update, and the new code runs after a reload
+    new_commit = commit_new_version(repo, version="2.0", border=BLUE)
+    assert "update available" in actions.check_update("sample", None)
+    assert "updated to" in actions.update("sample", None)
+    assert actions.rows()[0].commit == new_commit and actions.rows()[0].version == "2.0"
+    exts = load(actions)
+    edge, _inside = border_and_inside(run(manager, hooks=exts.hooks(), seed=100).images[0])
+    assert (edge == BLUE).all()
+    assert "up to date" in actions.check_update("sample", None)
+
+    # disabled: still installed, not loaded, generation is the plain one
+    actions.set_enabled("sample", False, None)
+    exts = load(actions)
+    assert not exts.find("sample").loaded and not exts.find("sample").enabled
+    assert run(manager, hooks=exts.hooks(), seed=100).images[0].tobytes() == plain[100].tobytes()
+    actions.set_enabled("sample", True, None)
+    assert load(actions).find("sample").loaded
+
+    actions.uninstall("sample", None)
+    assert not installed.exists() and actions.rows() == []
+    assert ExtensionState(tmp_path / "data").disabled() == set()
+
+
+def test_install_at_a_commit_is_pinned(tmp_path):
+    repo = tmp_path / "repo"
+    first = make_repo(repo)
+    commit_new_version(repo, version="2.0")
+    actions = actions_for(tmp_path / "data", tmp_path / "none")
+    actions.install(str(repo), None, first, None)
+    assert actions.rows()[0].commit == first and actions.rows()[0].version == "1.0"
+    assert "pinned" in actions.check_update("sample", None)
+
+
+def test_install_from_zip_and_folder_and_from_an_index(tmp_path):
+    import json
+    import shutil
+
+    source = write_extension(tmp_path / "src" / "zipped-ext", name="zipped")
+    archive = shutil.make_archive(str(tmp_path / "zipped"), "zip", root_dir=tmp_path / "src")
+    (source / "install.py").write_text("raise SystemExit('must never run')\n")
+    actions = actions_for(tmp_path / "data", tmp_path / "none")
+    assert "Installed **zipped**" in actions.install(archive, "", "", None)
+    folder_message = actions.install(str(write_extension(tmp_path / "plain-folder", name="foldered")), "", "", None)
+    assert "Installed **foldered**" in folder_message
+    with pytest.raises(ValueError, match="already installed"):
+        actions.install(archive, "", "", None)
+
+    repo = tmp_path / "indexed-repo"
+    make_repo(repo, name="indexed")
+    (source / "install.py").unlink()
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"extensions": [
+        {"name": "indexed", "url": f"file://{repo}", "description": "adds borders", "tags": ["image"]},
+        {"name": "other", "url": "file:///nowhere", "description": "something else", "tags": []}]}))
+    found = actions.search_index(str(index), "BORDERS", None)
+    assert [row[0] for row in found] == ["indexed"]
+    assert "Installed **indexed**" in actions.install_from_index(str(index), "indexed", None)
+    assert sorted(actions.names()) == ["foldered", "indexed", "zipped"]
+
+
+def test_install_scripts_are_reported_never_run(tmp_path):
+    folder = write_extension(tmp_path / "with-script", name="scripted")
+    marker = tmp_path / "ran"
+    (folder / "install.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    actions = actions_for(tmp_path / "data", tmp_path / "none")
+    message = actions.install(str(folder), "", "", None)
+    assert "install.py, which Easel does not run" in message and not marker.exists()
+
+
+def test_requirements_install_only_after_confirmation(tmp_path):
+    actions = actions_for(tmp_path / "data", tmp_path / "none")
+    actions.install(str(write_extension(tmp_path / "f", name="needs")), "", "", None)
+    declared, missing = actions.requirements_of("needs")
+    assert missing == ["easel-surely-not-installed-pkg==0.0.1"] and len(declared) == 2
+    calls = []
+    fake_pip = lambda cmd, **kw: calls.append(cmd) or types.SimpleNamespace(returncode=0, stdout="", stderr="")
+    with pytest.raises(ValueError, match="I trust these packages"):
+        actions.install_requirements("needs", False, None, run=fake_pip)
+    assert calls == []
+    actions.install_requirements("needs", True, None, run=fake_pip)
+    # only the missing package, with the app's own interpreter (its environment)
+    assert calls == [[sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
+                      "easel-surely-not-installed-pkg==0.0.1"]]
+
+
+def test_broken_extensions_do_not_stop_loading_or_generation(engine, plain, tmp_path):
+    manager, _ = engine
+    user = tmp_path / "exts"
+    write_extension(user / "import-error", name="import-error", body="import no_such_module_here\n")
+    write_extension(user / "raising", name="raising", body=(
+        "def register(api):\n"
+        "    def boom(*args):\n"
+        "        raise RuntimeError('hook exploded')\n"
+        "    for hook in ('before_generate', 'on_step', 'after_image', 'image_saved', 'model_loaded'):\n"
+        "        api.on(hook, boom)\n"
+        "    api.add_infotext_field('Broken', boom)\n"))
+    write_extension(user / "wrong-return", name="wrong-return", body=(
+        "def register(api):\n"
+        "    api.on('before_generate', lambda request: 'not a request')\n"))
+    write_extension(user / "future", name="future", api_version=99)
+    (user / "no-manifest").mkdir()
+    write_extension(user / "good", name="good", border=RED, seed_shift=0)
+
+    exts = load_extensions(tmp_path / "none", user)
+    by_name = {r.name: r for r in exts.records}
+    assert "ModuleNotFoundError" in by_name["import-error"].error and not by_name["import-error"].loaded
+    assert by_name["future"].error == ("extension 'future' needs extension API v99, Easel provides v1: "
+                                       "update the extension (or Easel)")
+    assert "no extension.toml" in by_name["no-manifest"].error
+    assert by_name["good"].loaded and by_name["raising"].loaded
+
+    result = run(manager, hooks=exts.hooks(), seed=100)
+    # the raising and wrong hooks were skipped; the good one still drew its border on seed 100
+    assert result.seeds == [100] and "Broken" not in result.infotexts[0]
+    edge, inside = border_and_inside(result.images[0])
+    assert (edge == RED).all() and np.array_equal(inside, border_and_inside(plain[100])[1])
+    errors = by_name["raising"].hook_errors
+    assert any(e.startswith("before_generate: RuntimeError: hook exploded") for e in errors)
+    assert any(e.startswith("on_step:") for e in errors) and any(e.startswith("after_image:") for e in errors)
+    assert "not a GenerationRequest" in by_name["wrong-return"].hook_errors[0]
+
+
+def test_listen_without_the_flag_refuses_changes_in_the_ui_handlers(tmp_path):
+    import gradio as gr
+
+    from ui import extensions_tab
+
+    folder = write_extension(tmp_path / "src", name="sample")
+    anonymous = types.SimpleNamespace(username=None)
+    actions = actions_for(tmp_path / "data", tmp_path / "none", listen=True)
+    with pytest.raises(gr.Error, match="--enable-insecure-extension-access"):
+        extensions_tab.install_handler(actions, str(folder), "", "", anonymous)
+    assert not (tmp_path / "data" / "extensions" / "sample").exists()
+    assert actions.server_refusal() is not None
+
+    shared = actions_for(tmp_path / "data", tmp_path / "none", share=True, enable_insecure_extension_access=True)
+    with pytest.raises(gr.Error, match="--auth"):  # the flag alone is not enough: users must log in
+        extensions_tab.install_handler(shared, str(folder), "", "", anonymous)
+
+    allowed = actions_for(tmp_path / "data", tmp_path / "none", listen=True, auth="ann:pw",
+                          enable_insecure_extension_access=True)
+    assert allowed.server_refusal() is None
+    with pytest.raises(gr.Error, match="Log in"):
+        extensions_tab.install_handler(allowed, str(folder), "", "", anonymous)
+    extensions_tab.install_handler(allowed, str(folder), "", "", types.SimpleNamespace(username="ann"))
+    assert (tmp_path / "data" / "extensions" / "sample" / "extension.toml").is_file()
+    with pytest.raises(gr.Error, match="--enable-insecure-extension-access"):
+        extensions_tab.uninstall_handler(actions, "sample", anonymous)
+    assert (tmp_path / "data" / "extensions" / "sample").exists()
+    # loopback: allowed without login
+    local = actions_for(tmp_path / "data", tmp_path / "none")
+    extensions_tab.uninstall_handler(local, "sample", anonymous)
+    assert not (tmp_path / "data" / "extensions" / "sample").exists()
