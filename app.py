@@ -116,14 +116,28 @@ def launch_options(settings, auth=None) -> dict[str, Any]:
         "blocked_paths": blocked,
         "max_file_size": int(settings.max_upload_mb * (1 << 20)),
         "show_error": True,
+        # The REST API serves its own /openapi.json and /docs (behind its auth).
+        "app_kwargs": {"openapi_url": None},
         **launch_style(),
     }
 
 
-def mount_rest_api(fastapi_app, ctx) -> None:
-    """Where the A1111-compatible /sdapi/v1 routes mount (a later issue); --api is a flag
-    until then."""
-    log.warning("--api: the REST API is not part of this version yet; only the Gradio API is served")
+def api_authenticator(settings, ui_authenticator=None):
+    """Who may use the REST API: --api-auth users when given (same syntax as --auth, hashed
+    passwords and @admins included), else the UI's login; None: the API is open."""
+    from pipelines.access import Authenticator, parse_credentials
+
+    if settings.api_auth:
+        return Authenticator(parse_credentials(settings.api_auth.split(","), "--api-auth"))
+    return ui_authenticator if ui_authenticator is not None else authenticator(settings)
+
+
+def mount_rest_api(fastapi_app, ctx, api_auth=None) -> None:
+    """The A1111-compatible REST API on the same server, behind HTTP Basic when `api_auth`."""
+    import api
+
+    api.mount(fastapi_app, ctx, api_auth)
+    log.info("REST API at /sdapi/v1 (docs at /docs)%s", ", HTTP Basic" if api_auth else "")
 
 
 def restart_process(blocks, delay_s: float = 1.0) -> None:
@@ -170,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("GRADIO_TEMP_DIR", str(gradio_tmp))
         blocks, ctx = build_app(settings)
         options = launch_options(settings, ctx.authenticator)
+        api_auth = api_authenticator(settings, ctx.authenticator) if settings.api else None
     except ValueError as exc:
         print(f"easel: {exc}", file=sys.stderr)
         return 2
@@ -178,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in launch_report(settings, users, local_url, share_url):
         print(f"easel: {line}", flush=True)
     if settings.api:
-        mount_rest_api(fastapi_app, ctx)
+        mount_rest_api(fastapi_app, ctx, api_auth)
     start_extensions(fastapi_app, ctx)
     try:
         blocks.block_thread()

@@ -45,6 +45,7 @@ class Settings:
     max_batch_images: int = 16  # batch_count x batch_size
     max_upload_mb: float = 25.0
     max_upload_pixels: int = 4096 * 4096
+    api_auth: str | None = None  # user:pass[,u2:p2] for the REST API; default: --auth
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -57,6 +58,8 @@ class Settings:
             raise ValueError(f"port must be between 1 and 65535, got {self.port}")
         if self.auth is not None and ":" not in self.auth:
             raise ValueError("auth must look like user:password (several separated by commas)")
+        if self.api_auth is not None and ":" not in self.api_auth:
+            raise ValueError("api_auth must look like user:password (several separated by commas)")
         for name in ("max_queued_per_user", "max_width", "max_height", "max_steps", "max_batch_images",
                      "max_upload_pixels"):
             if getattr(self, name) < 1:
@@ -128,7 +131,7 @@ _FIELD_TYPES = {"data_dir": Path, "models_dir": Path, "embeddings_dir": Path, "a
                 "share": bool, "api": bool, "device": str, "precision": str, "auth": str,
                 "enable_insecure_extension_access": bool, "max_queued_per_user": int, "max_width": int,
                 "max_height": int, "max_steps": int, "max_batch_images": int, "max_upload_mb": float,
-                "max_upload_pixels": int}
+                "max_upload_pixels": int, "api_auth": str}
 
 
 def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -178,6 +181,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", help="user:pass[,user2:pass2]")
     p.add_argument("--auth-file", dest="auth_file", help="file with user:pass lines")
     p.add_argument("--api", action="store_true", default=None, help="enable the A1111-compatible REST API")
+    p.add_argument("--api-auth", dest="api_auth", help="user:pass[,user2:pass2] for the REST API (default: --auth)")
     p.add_argument("--data-dir", dest="data_dir")
     p.add_argument("--models-dir", dest="models_dir", help="an A1111 models/ folder to use as is")
     p.add_argument("--embeddings-dir", dest="embeddings_dir")

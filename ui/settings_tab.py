@@ -10,7 +10,7 @@ import gradio as gr
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 
-HIDDEN_SETTINGS = ("auth",)  # passwords never go to the browser
+HIDDEN_SETTINGS = ("auth", "api_auth")  # passwords never go to the browser
 
 
 def settings_view(settings: Any) -> dict[str, Any]:

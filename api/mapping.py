@@ -1,0 +1,154 @@
+"""The one place A1111 API payloads become a `GenerationRequest`, and results become A1111
+responses. Other lanes add their fields' A1111 names here (`_OPTIONAL_FIELDS`): a field is
+passed on only when `GenerationRequest` has it, so this module works before and after they land.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import fields
+from typing import Any
+
+from api.images import ImageLimits, decode_image, encode_png
+from api.models import Img2ImgRequest, Txt2ImgRequest, _Processing
+from api.options import CHECKPOINT, CLIP_SKIP, VAE, ApiOptions
+from pipelines.metadata import split_infotext
+from pipelines.request import GenerationRequest, GenerationResult
+
+MASKED_CONTENT = {0: "fill", 1: "original"}  # 2 latent noise, 3 latent nothing: not in Easel
+RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill"}
+# A1111 request field -> GenerationRequest field, for fields other lanes add (same names).
+_OPTIONAL_FIELDS = ("styles", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
+                    "hr_resize_x", "hr_resize_y", "hr_prompt", "hr_negative_prompt",
+                    "refiner_checkpoint", "refiner_switch_at")
+_RENAMED_OPTIONAL = {"hr_checkpoint_name": "hr_checkpoint", "hr_sampler_name": "hr_sampler"}
+# Keys of the infotext that `info` reports in its own fields, not in extra_generation_params.
+_CORE_INFOTEXT_KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale",
+                       "Seed", "Size", "Model hash", "Model", "VAE hash", "VAE",
+                       "Denoising strength", "Clip skip", "Version"}
+
+
+def request_fields() -> set[str]:
+    return {f.name for f in fields(GenerationRequest)}
+
+
+def _common(payload: _Processing, options: ApiOptions) -> dict[str, Any]:
+    overrides = payload.override_settings or {}
+    resolved = options.resolve(overrides)  # validates checkpoint/VAE/clip skip names
+    checkpoint = resolved.get(CHECKPOINT) or options.checkpoint().name
+    values: dict[str, Any] = dict(
+        prompt=payload.prompt or "",
+        negative_prompt=payload.negative_prompt or "",
+        checkpoint=checkpoint,
+        vae=resolved.get(VAE, options.vae),
+        sampler=payload.sampler_name or payload.sampler_index or "Euler",
+        schedule=payload.scheduler or "Automatic",
+        steps=payload.steps, cfg_scale=payload.cfg_scale,
+        width=payload.width, height=payload.height, seed=payload.seed,
+        batch_count=payload.n_iter, batch_size=payload.batch_size,
+        save_images=bool(payload.save_images),
+    )
+    known = request_fields()
+    if "clip_skip" in known:
+        values["clip_skip"] = resolved.get(CLIP_SKIP, options.clip_skip)
+    for name in _OPTIONAL_FIELDS:
+        value = getattr(payload, name, None)
+        if name in known and value is not None:
+            values[name] = tuple(value) if isinstance(value, list) else value
+    for api_name, field_name in _RENAMED_OPTIONAL.items():
+        value = getattr(payload, api_name, None)
+        if field_name in known and value is not None:
+            values[field_name] = value
+    # Integration point for the control lane: ControlNet units from alwayson_scripts.
+    from api import scripts
+    values.update(scripts.request_values(payload.alwayson_scripts, known))
+    return values
+
+
+def txt2img_request(payload: Txt2ImgRequest, options: ApiOptions) -> GenerationRequest:
+    return GenerationRequest(task="txt2img", **_common(payload, options))
+
+
+def img2img_request(payload: Img2ImgRequest, options: ApiOptions,
+                    limits: ImageLimits = ImageLimits()) -> GenerationRequest:
+    if not payload.init_images:
+        raise ValueError("init_images must hold at least one base64 image")
+    init = decode_image(payload.init_images[0], "init_images[0]", limits).convert("RGB")
+    mask = decode_image(payload.mask, "mask", limits) if payload.mask else None
+    if payload.resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill), "
+                         f"got {payload.resize_mode}")
+    if mask is not None and payload.inpainting_fill not in MASKED_CONTENT:
+        raise ValueError(f"inpainting_fill must be 0 (fill) or 1 (original); latent noise/nothing are not "
+                         f"supported, got {payload.inpainting_fill}")
+    blur = payload.mask_blur if payload.mask_blur is not None else payload.mask_blur_x
+    return GenerationRequest(
+        task="inpaint" if mask is not None else "img2img",
+        init_image=init, mask=mask,
+        denoising_strength=0.75 if payload.denoising_strength is None else payload.denoising_strength,
+        resize_mode=RESIZE_MODES[payload.resize_mode],
+        mask_blur=blur,
+        inpainting_fill=MASKED_CONTENT.get(payload.inpainting_fill, "original"),
+        inpaint_full_res=bool(payload.inpaint_full_res),
+        inpaint_full_res_padding=payload.inpaint_full_res_padding,
+        inpainting_mask_invert=bool(payload.inpainting_mask_invert),
+        **_common(payload, options))
+
+
+def echo_parameters(payload: _Processing) -> dict[str, Any]:
+    """`parameters`: the request as A1111 echoes it (init images and mask left out unless
+    include_init_images)."""
+    data = payload.model_dump()
+    if isinstance(payload, Img2ImgRequest) and not payload.include_init_images:
+        data["init_images"] = None
+        data["mask"] = None
+    return data
+
+
+def response(payload: _Processing, request: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
+    images = ([encode_png(image, text) for image, text in zip(result.images, result.infotexts)]
+              if payload.send_images else [])
+    return {"images": images, "parameters": echo_parameters(payload),
+            "info": json.dumps(info_dict(payload, request, result), ensure_ascii=False)}
+
+
+def info_dict(payload: _Processing, request: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
+    """A1111's `Processed.js()` keys, filled from the request and the first image's infotext."""
+    parsed = split_infotext(result.infotexts[0])[2] if result.infotexts else {}
+    count = len(result.images)
+    seed = result.seeds[0] if result.seeds else request.seed
+    return {
+        "prompt": request.prompt,
+        "all_prompts": [request.prompt] * count,
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * count,
+        "seed": seed,
+        "all_seeds": list(result.seeds),
+        "subseed": seed,  # no variation seeds in Easel: A1111 reports subseed = seed then too
+        "all_subseeds": list(result.seeds),
+        "subseed_strength": 0,
+        "width": request.width,
+        "height": request.height,
+        "sampler_name": request.sampler,
+        "cfg_scale": request.cfg_scale,
+        "steps": request.steps,
+        "batch_size": request.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": parsed.get("Model"),
+        "sd_model_hash": parsed.get("Model hash"),
+        "sd_vae_name": parsed.get("VAE"),
+        "sd_vae_hash": parsed.get("VAE hash"),
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": None if request.task == "txt2img" else request.denoising_strength,
+        "extra_generation_params": {k: v for k, v in parsed.items() if k not in _CORE_INFOTEXT_KEYS},
+        "index_of_first_image": 0,
+        "infotexts": list(result.infotexts),
+        "styles": list(payload.styles or []),
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": getattr(request, "clip_skip", 1),
+        "is_using_inpainting_conditioning": False,
+        "version": parsed.get("Version"),
+        "interrupted": result.interrupted,
+    }

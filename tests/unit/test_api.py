@@ -1,0 +1,397 @@
+"""The REST API in process (FastAPI TestClient): payload mapping, response shapes, errors,
+options, auth and progress, over a real registry of header-only model files and a fake job
+queue that records what it was asked to run. The real server is tested in tests/e2e."""
+import base64
+import io
+import json
+from types import SimpleNamespace
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import api
+from api.auth import check
+from pipelines.access import Authenticator, User, hash_password
+from pipelines.hashing import HashCache
+from pipelines.jobs import CancelToken, Progress
+from pipelines.metadata import format_infotext, read_infotext
+from pipelines.registry import ModelPaths, ModelRegistry
+from pipelines.request import GenerationResult
+from pipelines.settings import Settings
+from tests import stripped
+
+AUTH = ("alice", "s3cret")
+
+
+class FakeJob:
+    def __init__(self, job_id, owner, request, result):
+        self.id, self.owner, self.request = job_id, owner, request
+        self.token = CancelToken()
+        self.latest = None
+        self._result = result
+        self.finished = True
+
+    def result(self, timeout=None):
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+    def cancel(self):
+        self.token.cancel()
+
+
+class FakeJobs:
+    """Records submitted requests; 'runs' them by drawing a flat image per seed."""
+
+    def __init__(self):
+        self.submitted, self.cancelled, self.running = [], [], None
+        self.fail_with = None
+
+    def submit(self, request, owner=""):
+        seeds = [max(request.seed, 0) + i for i in range(request.total_images)]
+        texts = [format_infotext(request.prompt, request.negative_prompt,
+                                 {"Steps": request.steps, "Sampler": request.sampler, "CFG scale": request.cfg_scale,
+                                  "Seed": s, "Size": f"{request.width}x{request.height}", "Model hash": "0123456789",
+                                  "Model": "sd15", "RNG": "CPU", "Version": "easel-test"}) for s in seeds]
+        images = [Image.new("RGB", (request.width, request.height), (s % 256, 10, 20)) for s in seeds]
+        result = self.fail_with or GenerationResult(images=images, infotexts=texts, seeds=seeds, paths=[])
+        self.submitted.append((owner, request))
+        return FakeJob(len(self.submitted), owner, request, result)
+
+    def cancel(self, owner):
+        self.cancelled.append(owner)
+        return 1
+
+    def current(self):
+        return self.running
+
+    def queued_count(self):
+        return 1 if self.running else 0
+
+
+class FakeManager:
+    def __init__(self):
+        self.loads, self.unloads = [], 0
+
+    def pipeline(self, task, checkpoint, vae="Automatic"):
+        from contextlib import nullcontext
+        self.loads.append((checkpoint, vae))
+        return nullcontext()
+
+    def unload(self):
+        self.unloads += 1
+
+
+@pytest.fixture()
+def ctx(tmp_path):
+    models = tmp_path / "data" / "models"
+    stripped.write_stripped(models / "Stable-diffusion" / "sd15.safetensors", stripped.sd1_layout())
+    stripped.write_stripped(models / "Stable-diffusion" / "sub" / "other.safetensors", stripped.sd1_layout())
+    stripped.write_stripped(models / "VAE" / "vae-ft-mse.safetensors", stripped.vae_layout())
+    stripped.write_stripped(models / "Lora" / "styleA_v3.safetensors", stripped.kohya_lora_sd1_layout(),
+                            {"ss_output_name": "styleA"})
+    settings = Settings(data_dir=tmp_path / "data", api=True)
+    paths = ModelPaths(models_dir=models, embeddings_dir=tmp_path / "data" / "embeddings",
+                       builtin_dir=tmp_path / "no-builtin")
+    registry = ModelRegistry(paths, HashCache(tmp_path / "data" / "cache.json"))
+    registry.refresh()
+    return SimpleNamespace(settings=settings, registry=registry, manager=FakeManager(), jobs=FakeJobs())
+
+
+def make_client(ctx, credentials=()):
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)  # as Gradio's app is configured
+    verify = Authenticator([User(name, secret) for name, secret in credentials]) if credentials else None
+    api.mount(app, ctx, verify)
+    return TestClient(app)
+
+
+@pytest.fixture()
+def client(ctx):
+    return make_client(ctx)
+
+
+def b64_png(image: Image.Image, data_url: bool = False) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    text = base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + text if data_url else text
+
+
+def decode(text: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+
+
+# --- txt2img mapping and response --------------------------------------------------------------
+
+def test_txt2img_maps_a1111_fields_and_ignores_unknown_keys(client, ctx):
+    body = {"prompt": "a cat", "negative_prompt": "dog", "steps": 3, "width": 64, "height": 128, "seed": 7,
+            "n_iter": 2, "batch_size": 1, "sampler_name": "DPM++ 2M Karras", "cfg_scale": 4.5,
+            "url": "http://sillytavern/", "auth": "x", "restore_faces": False}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    owner, request = ctx.jobs.submitted[0]
+    assert owner == "api:anonymous"  # no login: API callers share one owner
+    assert (request.task, request.prompt, request.negative_prompt, request.steps) == ("txt2img", "a cat", "dog", 3)
+    assert (request.width, request.height, request.seed, request.batch_count) == (64, 128, 7, 2)
+    assert (request.sampler, request.schedule, request.cfg_scale) == ("DPM++ 2M", "Karras", 4.5)
+    assert request.checkpoint == "sd15.safetensors" and request.vae == "Automatic"
+    assert request.save_images is False  # A1111's API default
+
+
+def test_txt2img_defaults_are_a1111s(client, ctx):
+    assert client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64}).status_code == 200
+    _owner, request = ctx.jobs.submitted[0]
+    assert (request.steps, request.cfg_scale, request.sampler, request.seed) == (50, 7.0, "Euler", -1)
+
+
+def test_response_is_raw_base64_png_with_infotext_info_json_and_parameters(client):
+    body = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64, "seed": 7, "batch_size": 2, "foo": 1}
+    data = client.post("/sdapi/v1/txt2img", json=body).json()
+    assert len(data["images"]) == 2 and not data["images"][0].startswith("data:")
+    info = json.loads(data["info"])
+    for index, text in enumerate(data["images"]):
+        image = decode(text)
+        assert image.format == "PNG" and image.size == (64, 64)
+        assert read_infotext(image) == info["infotexts"][index]
+        assert image.getpixel((0, 0)) == (7 + index, 10, 20)
+    assert info["all_seeds"] == [7, 8] and info["seed"] == 7 and info["sd_model_name"] == "sd15"
+    assert info["sd_model_hash"] == "0123456789" and info["extra_generation_params"] == {"RNG": "CPU"}
+    assert info["prompt"] == "a cat" and info["sampler_name"] == "Euler" and info["index_of_first_image"] == 0
+    params = data["parameters"]
+    assert params["prompt"] == "a cat" and params["steps"] == 3 and params["enable_hr"] is False
+    assert "foo" not in params and params["sampler_index"] == "Euler"
+
+
+def test_send_images_false_returns_no_images(client):
+    data = client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64, "send_images": False}).json()
+    assert data["images"] == [] and json.loads(data["info"])["all_seeds"]
+
+
+def test_override_settings_apply_to_one_request_unless_kept(client, ctx):
+    body = {"width": 64, "height": 64, "override_settings": {"sd_model_checkpoint": "other", "sd_vae": "vae-ft-mse",
+                                                               "CLIP_stop_at_last_layers": 2}}
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    request = ctx.jobs.submitted[-1][1]
+    assert (request.checkpoint, request.vae) == ("sub/other.safetensors", "vae-ft-mse.safetensors")
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "sd15.safetensors"
+    body["override_settings_restore_afterwards"] = False
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    options = client.get("/sdapi/v1/options").json()
+    assert (options["sd_model_checkpoint"], options["sd_vae"], options["CLIP_stop_at_last_layers"]) == (
+        "sub/other.safetensors", "vae-ft-mse.safetensors", 2)
+
+
+# --- img2img -----------------------------------------------------------------------------------
+
+def test_img2img_with_mask_maps_inpaint_fields(client, ctx):
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    body = {"init_images": [b64_png(init, data_url=True)], "mask": b64_png(mask, data_url=True), "width": 64,
+            "height": 64, "denoising_strength": 0.4, "resize_mode": 1, "inpainting_fill": 1, "mask_blur": 2,
+            "inpaint_full_res": False, "inpaint_full_res_padding": 8, "inpainting_mask_invert": 1}
+    data = client.post("/sdapi/v1/img2img", json=body)
+    assert data.status_code == 200, data.text
+    request = ctx.jobs.submitted[0][1]
+    assert (request.task, request.denoising_strength, request.resize_mode) == ("inpaint", 0.4, "crop and resize")
+    assert (request.inpainting_fill, request.mask_blur, request.inpaint_full_res) == ("original", 2, False)
+    assert (request.inpaint_full_res_padding, request.inpainting_mask_invert) == (8, True)
+    assert request.init_image.tobytes() == init.tobytes()
+    assert request.mask.convert("L").tobytes() == mask.tobytes()
+    params = data.json()["parameters"]
+    assert params["init_images"] is None and params["mask"] is None  # include_init_images is false
+
+
+def test_img2img_without_mask_is_img2img_and_echoes_images_when_asked(client, ctx):
+    init = b64_png(Image.new("RGB", (64, 64), "blue"))
+    data = client.post("/sdapi/v1/img2img", json={"init_images": [init], "width": 64, "height": 64,
+                                                   "include_init_images": True}).json()
+    request = ctx.jobs.submitted[0][1]
+    assert request.task == "img2img" and request.denoising_strength == 0.75 and request.mask is None
+    assert data["parameters"]["init_images"] == [init]
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, body, message", [
+    ("txt2img", {"width": 100}, "width must be a multiple of 8 between 64 and 4096, got 100"),
+    ("txt2img", {"steps": "many"}, "steps: Input should be a valid integer"),
+    ("txt2img", {"sampler_name": "Nope"}, "Nope"),
+    ("txt2img", {"override_settings": {"sd_model_checkpoint": "missing"}}, "Checkpoint 'missing' not found"),
+    ("txt2img", {"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "script 'ADetailer' is not available"),
+    ("img2img", {}, "init_images must hold at least one base64 image"),
+    ("img2img", {"init_images": ["http://127.0.0.1/x.png"]}, "image URLs are not accepted"),
+    ("img2img", {"init_images": ["/etc/passwd"]}, "file paths are not accepted"),
+    ("img2img", {"init_images": ["bm90IGFuIGltYWdl"]}, "init_images[0]: the upload is not a readable image"),
+    ("img2img", {"init_images": ["IMAGE"], "resize_mode": 3}, "resize_mode must be 0"),
+    ("img2img", {"init_images": ["IMAGE"], "mask": "IMAGE", "inpainting_fill": 2}, "inpainting_fill must be 0"),
+    ("png-info", {"image": "file:///etc/passwd"}, "image URLs are not accepted"),
+])
+def test_bad_input_is_422_with_a_specific_message(client, ctx, path, body, message):
+    image = b64_png(Image.new("RGB", (64, 64)))
+    body = json.loads(json.dumps(body).replace('"IMAGE"', json.dumps(image)))
+    response = client.post(f"/sdapi/v1/{path}", json={"width": 64, "height": 64, **body})
+    assert response.status_code == 422
+    assert message in response.json()["detail"] and "\n" not in response.json()["detail"]
+    assert ctx.jobs.submitted == []
+
+
+def test_engine_failure_is_a_json_error(client, ctx):
+    ctx.jobs.fail_with = ValueError("the mask is empty: paint the area to change")
+    response = client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64})
+    assert response.status_code == 422 and response.json()["detail"].startswith("the mask is empty")
+    ctx.jobs.fail_with = RuntimeError("out of memory")
+    response = client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64})
+    assert response.status_code == 500 and response.json()["detail"] == "RuntimeError: out of memory"
+
+
+# --- options -----------------------------------------------------------------------------------
+
+def test_posting_the_whole_options_dict_back_changes_nothing(client, ctx):
+    options = client.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == "sd15.safetensors" and "forge_preset" not in options
+    response = client.post("/sdapi/v1/options", json=options)
+    assert response.status_code == 200 and response.json() is None
+    assert ctx.manager.loads == [] and client.get("/sdapi/v1/options").json() == options
+
+
+def test_setting_the_checkpoint_loads_it_accepts_aliases_and_persists(client, ctx):
+    options = client.get("/sdapi/v1/options").json()
+    options |= {"sd_model_checkpoint": "sub_other", "api_enable_requests": True, "no_such_option": 1}
+    assert client.post("/sdapi/v1/options", json=options).status_code == 200
+    assert ctx.manager.loads == [("sub/other.safetensors", "Automatic")]
+    after = client.get("/sdapi/v1/options").json()
+    assert after["sd_model_checkpoint"] == "sub/other.safetensors"
+    assert after["api_enable_requests"] is False and "no_such_option" not in after  # restricted / unknown: ignored
+    stored = json.loads(ctx.settings.config_file.read_text())
+    assert stored["sd_model_checkpoint"] == "sub/other.safetensors"
+    # A new server reads it back.
+    assert make_client(ctx).get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "sub/other.safetensors"
+    # The title with a hash resolves once the hash is known.
+    sha = ctx.registry.sha256(ctx.registry.find("checkpoint", "sd15"))
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": f"sd15.safetensors [{sha[:10]}]"}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == f"sd15.safetensors [{sha[:10]}]"
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": sha}).status_code == 200
+
+
+def test_unknown_checkpoint_or_bad_clip_skip_is_422_and_changes_nothing(client, ctx):
+    response = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
+    assert response.status_code == 422 and "Checkpoint 'nope' not found" in response.json()["detail"]
+    response = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 40})
+    assert response.status_code == 422 and "from 1 to 12" in response.json()["detail"]
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "sd15.safetensors"
+    assert ctx.manager.loads == []
+
+
+# --- lists -------------------------------------------------------------------------------------
+
+def test_lists_have_a1111_shapes(client):
+    from pipelines import samplers
+
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert [m["model_name"] for m in models] == ["sd15", "sub_other"]
+    assert set(models[0]) == {"title", "model_name", "hash", "sha256", "filename", "config"}
+    assert [s["name"] for s in client.get("/sdapi/v1/samplers").json()] == samplers.sampler_names()
+    assert [s["label"] for s in client.get("/sdapi/v1/schedulers").json()] == samplers.schedule_labels()
+    assert client.get("/sdapi/v1/loras").json()[0] | {"metadata": None, "path": None} == {
+        "name": "styleA_v3", "alias": "styleA", "path": None, "metadata": None}
+    assert client.get("/sdapi/v1/sd-vae").json()[0]["model_name"] == "vae-ft-mse.safetensors"
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    flags = client.get("/sdapi/v1/cmd-flags").json()
+    assert flags["api"] is True and flags["auth"] is None
+    assert "ram" in client.get("/sdapi/v1/memory").json()
+
+
+def test_png_info_reads_infotext_and_parses_it():
+    text = "a cat\nNegative prompt: dog\nSteps: 3, Sampler: Euler a, CFG scale: 5, Seed: 9, Size: 64x32"
+    from pipelines.metadata import image_bytes_with_infotext
+    png = base64.b64encode(image_bytes_with_infotext(Image.new("RGB", (64, 32)), text, "png")).decode()
+    app_client = None
+    ctx = SimpleNamespace(settings=Settings(), registry=None, manager=None, jobs=FakeJobs())
+    app_client = make_client(ctx)
+    data = app_client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + png}).json()
+    assert data["info"] == text
+    assert (data["parameters"]["Prompt"], data["parameters"]["Seed"], data["parameters"]["Size-1"]) == ("a cat", "9", "64")
+    plain = base64.b64encode(image_bytes_with_infotext(Image.new("RGB", (8, 8)), None, "png")).decode()
+    assert app_client.post("/sdapi/v1/png-info", json={"image": plain}).json() == {"info": "", "items": {}, "parameters": {}}
+
+
+# --- progress, interrupt -----------------------------------------------------------------------
+
+def test_progress_idle_then_running_job(client, ctx):
+    idle = client.get("/sdapi/v1/progress").json()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
+    from pipelines.request import GenerationRequest
+    job = FakeJob(3, "ui", GenerationRequest(steps=10, width=64, height=64), None)
+    job.latest = Progress(step=4, total_steps=10, batch_index=0, batch_count=2, preview=Image.new("RGB", (8, 8), "red"))
+    ctx.jobs.running = job
+    busy = client.get("/sdapi/v1/progress").json()
+    assert busy["progress"] == pytest.approx(0.2) and busy["state"]["job_count"] == 1
+    assert (busy["state"]["sampling_step"], busy["state"]["sampling_steps"]) == (4, 10)
+    assert decode(busy["current_image"]).getpixel((0, 0)) == (255, 0, 0)
+    assert client.get("/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
+
+
+def test_interrupt_and_skip_cancel_the_callers_jobs_and_return_json(ctx):
+    client = make_client(ctx, [AUTH, ("bob", "pw")])
+    assert client.post("/sdapi/v1/interrupt", auth=AUTH).json() == {}
+    assert client.post("/sdapi/v1/skip", auth=("bob", "pw")).json() == {}
+    # A logged-in API user is the same owner as that user in the UI.
+    assert ctx.jobs.cancelled == ["user:alice", "user:bob"]
+
+
+# --- auth --------------------------------------------------------------------------------------
+
+def test_every_route_needs_the_credentials(ctx):
+    client = make_client(ctx, [AUTH])
+    schema = client.get("/openapi.json", auth=AUTH).json()
+    routes = [(method.upper(), path) for path, ops in schema["paths"].items() for method in ops]
+    assert len(routes) == 29  # each one is served: a missing route would answer 404, not 401
+    routes += [("GET", "/openapi.json"), ("GET", "/docs")]
+    for method, path in routes:
+        for headers in ({}, {"Authorization": ""}, {"Authorization": "Basic " + base64.b64encode(b"alice:wrong").decode()},
+                        {"Authorization": "Basic " + base64.b64encode(b"bob:s3cret").decode()}, {"Authorization": "Bearer x"}):
+            response = client.request(method, path, headers=headers, json={})
+            assert response.status_code == 401, (method, path, headers)
+            assert response.headers["www-authenticate"] == "Basic"
+    assert client.get("/sdapi/v1/options", auth=AUTH).status_code == 200
+    assert ctx.jobs.submitted == [] and ctx.jobs.cancelled == []
+
+
+def test_without_credentials_an_empty_authorization_header_is_fine(client):
+    assert client.get("/sdapi/v1/options", headers={"Authorization": ""}).status_code == 200
+
+
+def test_basic_header_check_uses_the_login_verifier():
+    verify = Authenticator([User("a", "b"), User("c", hash_password("d:e", iterations=1000))])
+    assert check(verify, "Basic " + base64.b64encode(b"c:d:e").decode()) == "c"
+    assert check(verify, "basic " + base64.b64encode(b"a:b").decode()) == "a"
+    assert check(None, None) is None
+    from fastapi import HTTPException
+    for header in (None, "", "Basic", "Basic !!!", "Basic " + base64.b64encode(b"ab").decode()):
+        with pytest.raises(HTTPException):
+            check(verify, header)
+
+
+def test_api_auth_falls_back_to_the_ui_login(tmp_path):
+    import app
+
+    ui_only = app.api_authenticator(Settings(data_dir=tmp_path, auth="ui:pw"))
+    assert ui_only("ui", "pw") and not ui_only("x", "y")
+    both = app.api_authenticator(Settings(data_dir=tmp_path, auth="ui:pw", api_auth="x:y,@boss:z"))
+    assert both("x", "y") and both("boss", "z") and not both("ui", "pw")
+    assert app.api_authenticator(Settings(data_dir=tmp_path)) is None
+
+
+def test_openapi_schema_documents_the_a1111_fields(client):
+    schema = client.get("/openapi.json").json()
+    txt2img = schema["components"]["schemas"]["Txt2ImgRequest"]["properties"]
+    for key in ("prompt", "sampler_name", "n_iter", "override_settings", "alwayson_scripts", "enable_hr"):
+        assert key in txt2img
+    img2img = schema["components"]["schemas"]["Img2ImgRequest"]["properties"]
+    for key in ("init_images", "mask", "inpainting_fill", "resize_mode", "denoising_strength"):
+        assert key in img2img
+    assert client.get("/docs").status_code == 200 and "swagger" in client.get("/docs").text.lower()
