@@ -11,12 +11,13 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
 from pipelines import loading
+from pipelines.adapters.lora_stack import AppliedLora, LoraRequest, LoraStack
 from pipelines.arch import Arch
 from pipelines.cache import ModelCache, module_bytes
 from pipelines.loading import LoadedCheckpoint, ModelLoadError
@@ -33,6 +34,7 @@ class ActivePipeline:
     checkpoint: ModelEntry
     vae: ModelEntry | None  # None: the checkpoint's own VAE
     arch: Arch
+    loras: list[AppliedLora] = field(default_factory=list)  # active this request
 
 
 class PipelineManager:
@@ -49,6 +51,8 @@ class PipelineManager:
         self._active_ckpt: LoadedCheckpoint | None = None
         self._active_vae: tuple[ModelEntry, Any] | None = None
         self.load_counts: Counter = Counter()  # loads from disk, by kind: the cache's effect
+        # LoRAs stay resident in the loaded checkpoints; requests only select them.
+        self.loras = LoraStack(registry, self.load_counts)
 
     # --- what the UI / API ask -------------------------------------------------------------
 
@@ -93,7 +97,8 @@ class PipelineManager:
     # --- the one way to get a pipeline ------------------------------------------------------
 
     @contextmanager
-    def pipeline(self, task: str, checkpoint: str | None, vae: str | None = AUTOMATIC_VAE) -> Iterator[ActivePipeline]:
+    def pipeline(self, task: str, checkpoint: str | None, vae: str | None = AUTOMATIC_VAE,
+                 loras: tuple[LoraRequest, ...] = ()) -> Iterator[ActivePipeline]:
         with self._lock:
             ckpt_entry = self.resolve_checkpoint(checkpoint)
             vae_entry = self.resolve_vae(vae, ckpt_entry)
@@ -107,7 +112,10 @@ class PipelineManager:
                 if vae_module is not None:
                     components["vae"] = vae_module
                 pipe = self._task_pipeline(loaded.arch, task, components)
-                yield ActivePipeline(pipe=pipe, checkpoint=ckpt_entry, vae=vae_entry, arch=loaded.arch)
+                # Always called, also with no LoRAs: it switches off what the last request used.
+                with self.loras.activate(pipe, loaded.arch, ckpt_entry.label, loras) as applied:
+                    yield ActivePipeline(pipe=pipe, checkpoint=ckpt_entry, vae=vae_entry, arch=loaded.arch,
+                                         loras=applied)
             finally:
                 for key in keys:
                     self.cache.unlock(key)

@@ -210,6 +210,8 @@ def probe_diffusers_folder(path: Path | str) -> Arch:
     if cross_dim in _CONTEXT_DIMS:
         base = _CONTEXT_DIMS[cross_dim]
     elif isinstance(cross_dim, int) and cross_dim <= 256 and in_channels == 4:
+        if unet.get("addition_embed_type") == "text_time":
+            return Arch.SDXL  # a tiny SDXL layout (size-and-crop conditioning): test models
         # A tiny SD1-layout model: the only such models Easel knows are tiny-world ones.
         return Arch.TINYWORLD
     else:

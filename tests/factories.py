@@ -165,3 +165,94 @@ def write_full_size_sd15_checkpoint(path, seed: int = 0, arch_dir: Path | None =
     path = save_ldm_checkpoint(_prepare(path), state_dict)
     state_dict.clear()
     return path
+
+
+# --- adapters: LoRA files and a tiny SDXL ----------------------------------------------------------
+
+def _lora_targets(components: dict) -> dict[str, tuple[str, torch.nn.Linear]]:
+    """Linear layers a kohya LoRA adapts: UNet attention projections and text-encoder
+    self-attention / MLP projections, by kohya key prefix -> (diffusers key prefix, layer)."""
+    targets = {}
+    for name, module in components["unet"].named_modules():
+        if isinstance(module, nn.Linear) and ".attn" in name and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0"):
+            targets["lora_unet_" + name.replace(".", "_")] = ("unet." + name, module)
+    for name, module in components["text_encoder"].named_modules():
+        if isinstance(module, nn.Linear) and ("self_attn" in name or ".mlp." in name):
+            targets["lora_te_" + name.replace(".", "_")] = ("text_encoder." + name, module)
+    return targets
+
+
+def tiny_lora_tensors(seed: int, rank: int = 4, alpha: float = 2.0, scale: float = 0.3,
+                      components: dict | None = None) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
+    """Random LoRA factors for the tiny-world layout: kohya prefix -> (diffusers prefix, down, up)."""
+    components = components or tiny_components(0)
+    generator = torch.Generator().manual_seed(seed)
+    result = {}
+    for kohya, (diffusers_name, layer) in sorted(_lora_targets(components).items()):
+        down = torch.randn(rank, layer.in_features, generator=generator) * scale
+        up = torch.randn(layer.out_features, rank, generator=generator) * scale
+        result[kohya] = (diffusers_name, down, up)
+    return result
+
+
+def write_tiny_lora(path, seed: int = 0, fmt: str = "kohya", rank: int = 4, alpha: float = 2.0,
+                    scale: float = 0.3, metadata: dict | None = None, only: str | None = None) -> Path:
+    """A random LoRA for tiny-world checkpoints, in kohya (`lora_unet_*` / `lora_te_*` with
+    `.alpha`) or PEFT/diffusers format (`unet.*.lora_A/B`, alpha folded into B), so both
+    formats of one seed are the same LoRA. `only` keeps "unet" or "te" layers."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for kohya, (diffusers_name, down, up) in tiny_lora_tensors(seed, rank, alpha, scale).items():
+        if only == "unet" and not kohya.startswith("lora_unet_") or only == "te" and not kohya.startswith("lora_te_"):
+            continue
+        if fmt == "kohya":
+            tensors[kohya + ".lora_down.weight"] = down.contiguous()
+            tensors[kohya + ".lora_up.weight"] = up.contiguous()
+            tensors[kohya + ".alpha"] = torch.tensor(alpha)
+        elif fmt == "peft":
+            tensors[diffusers_name + ".lora_A.weight"] = down.contiguous()
+            tensors[diffusers_name + ".lora_B.weight"] = (up * (alpha / rank)).contiguous()
+        else:
+            raise ValueError(f"fmt must be kohya or peft, got {fmt}")
+    meta = {"modelspec.architecture": TINYWORLD_ARCHITECTURE + "/lora"} if metadata is None else metadata
+    path = _prepare(path)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def write_tiny_sdxl_checkpoint(path, seed: int = 0) -> Path:
+    """A tiny random SDXL pipeline as a diffusers folder (two text encoders, text_time
+    embedding), small enough for CPU tests. Tokenizers are left out: Easel brings its own."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def build():
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64, norm_num_groups=8)
+        vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            norm_num_groups=8, sample_size=64, scaling_factor=0.13025)
+        text_config = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=1, hidden_size=32,
+                           intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                           vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+        return unet, vae, text_encoder, text_encoder_2
+
+    from pipelines.configs import load_tokenizer
+
+    unet, vae, text_encoder, text_encoder_2 = _seeded_build(seed, build)
+    pipe = StableDiffusionXLPipeline(
+        unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(),
+        tokenizer=load_tokenizer(), tokenizer_2=load_tokenizer(pad_with_bang=True),
+        scheduler=scheduler_from_config(config_dir(Arch.SDXL)))
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(path)
+    return path
