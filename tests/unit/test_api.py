@@ -298,7 +298,8 @@ def test_lists_have_a1111_shapes(client):
     assert client.get("/sdapi/v1/loras").json()[0] | {"metadata": None, "path": None} == {
         "name": "styleA_v3", "alias": "styleA", "path": None, "metadata": None}
     assert client.get("/sdapi/v1/sd-vae").json()[0]["model_name"] == "vae-ft-mse.safetensors"
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    controlnet = ["controlnet", "controlnet m2m"]  # webuiapi looks for "controlnet m2m"
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": controlnet, "img2img": controlnet}
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     flags = client.get("/sdapi/v1/cmd-flags").json()
     assert flags["api"] is True and flags["auth"] is None
