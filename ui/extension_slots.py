@@ -14,6 +14,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from pipelines.request import GenerationRequest, GenerationResult
+from ui.generation import owner_of
 from ui.request_builder import IMG2IMG_FIELDS, MODEL_FIELDS, TXT2IMG_FIELDS, img2img_request, txt2img_request
 
 log = logging.getLogger("easel.extensions")
@@ -37,6 +38,10 @@ class ExtensionUI:
     def request_from(self, values: dict[str, Any], tab: str | None = None) -> GenerationRequest:
         _fields, build = _FORMS[tab or self.tab or "txt2img"]
         return build(values)
+
+    def owner(self, gradio_request: Any) -> str:
+        """The job owner of the user behind a Gradio event (fair queue, own-only cancel)."""
+        return owner_of(gradio_request)
 
     def run(self, request: GenerationRequest, owner: str = "") -> GenerationResult:
         """Run one request on the shared job queue and wait for it."""
