@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from pipelines import imageops, samplers
+from pipelines import hires, imageops, samplers
 from pipelines.control import apply as control
 from pipelines.hooks import NO_HOOKS, GenerationHooks, StepInfo
 from pipelines.jobs import CancelToken, Progress, ProgressSink
@@ -43,12 +43,14 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
         if sum(manager.load_counts.values()) != loads_before:
             hooks.model_loaded(manager.snapshot())
         params_common = hooks.extend_infotext(
-            request, _infotext_params(manager, active, request) | control.infotext_params(manager, request))
+            request, _infotext_params(manager, active, request) | control.infotext_params(manager, request)
+            | (hires.infotext_params(request) if request.enable_hr else {}))
         for batch_index in range(request.batch_count):
             if cancel.cancelled:
                 break
             batch_seeds = [base_seed + batch_index * request.batch_size + i for i in range(request.batch_size)]
-            batch = _run_batch(active, request, batch_seeds, batch_index, progress, cancel, control_kwargs, hooks)
+            batch = _run_batch(active, request, batch_seeds, batch_index, progress, cancel, control_kwargs, hooks,
+                               manager)
             for image, seed in zip(batch, batch_seeds):
                 image = hooks.after_image(image, request)
                 params = {**params_common, "Seed": seed}
@@ -68,7 +70,7 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
 
 def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[int], batch_index: int,
                progress: ProgressSink, cancel: CancelToken, extra: dict | None = None,
-               hooks: GenerationHooks = NO_HOOKS) -> list[Image.Image]:
+               hooks: GenerationHooks = NO_HOOKS, manager: PipelineManager | None = None) -> list[Image.Image]:
     pipe = active.pipe
     # seed: DPM++ SDE draws its Brownian noise from it, so the same seed gives the same image.
     pipe.scheduler = samplers.make_scheduler(request.sampler, request.schedule, dict(pipe.scheduler.config),
@@ -84,6 +86,8 @@ def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[i
 
     if request.task == "txt2img":
         latents = pipe(width=request.width, height=request.height, **common).images
+        if request.enable_hr and not cancel.cancelled:
+            return hires.run_second_pass(manager, active, request, latents, seeds, callback, decode_latents)
         return decode_latents(pipe.vae, latents)
 
     init = imageops.resize_image(request.init_image.convert("RGB"), request.width, request.height,

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from PIL import Image
 
-from pipelines import samplers
+from pipelines import hires, samplers
 from pipelines.control.units import ControlUnit
 
 TASKS = ("txt2img", "img2img", "inpaint")
@@ -50,6 +50,19 @@ class GenerationRequest:
     inpainting_mask_invert: bool = False
     save_images: bool = True
     control_units: tuple[ControlUnit, ...] = ()
+    # hires fix and SDXL refiner (A1111 API names; pipelines/hires.py, pipelines/refiner.py)
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint: str | None = None  # None / "Use same checkpoint"
+    hr_sampler: str | None = None  # None / "Use same sampler"
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float = 0.8
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
@@ -92,6 +105,7 @@ class GenerationRequest:
             yield f"mask blur must be between 0 and 256, got {self.mask_blur}"
         if not 0 <= self.inpaint_full_res_padding <= 1024:
             yield f"masked area padding must be between 0 and 1024, got {self.inpaint_full_res_padding}"
+        yield from hires.problems(self)
 
     @property
     def total_images(self) -> int:

@@ -12,7 +12,10 @@ from pipelines.request import GenerationRequest
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale",
                  "width", "height", "seed", "batch_count", "batch_size")
 MODEL_FIELDS = ("checkpoint", "vae")
-TXT2IMG_FIELDS = COMMON_FIELDS
+# hires fix (A1111 API names); denoising_strength is the hires pass's here
+HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
+                "hr_checkpoint", "hr_sampler", "hr_prompt", "hr_negative_prompt", "denoising_strength")
+TXT2IMG_FIELDS = COMMON_FIELDS + HIRES_FIELDS
 IMG2IMG_FIELDS = COMMON_FIELDS + (
     "mode", "init_image", "inpaint_image", "mask", "denoising_strength", "resize_mode", "mask_blur",
     "inpainting_fill", "inpaint_area", "inpaint_full_res_padding", "inpainting_mask_invert")
@@ -22,7 +25,26 @@ INPAINT_AREAS = ("Whole picture", "Only masked")
 
 
 def txt2img_request(values: Mapping[str, Any]) -> GenerationRequest:
-    return GenerationRequest(task="txt2img", **_common(values))
+    return GenerationRequest(task="txt2img", **_common(values), **hires_values(values))
+
+
+def hires_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The hires / refiner fields present in `values`; absent ones keep the request defaults."""
+    kinds = {"hr_scale": float, "hr_second_pass_steps": int, "hr_resize_x": int, "hr_resize_y": int,
+             "denoising_strength": float}
+    out: dict[str, Any] = {}
+    for name in HIRES_FIELDS:
+        if name not in values or values[name] is None:
+            continue
+        if name in kinds:
+            out[name] = _number(values, name, kinds[name], 0)
+        elif name == "enable_hr":
+            out[name] = bool(values[name])
+        elif name in ("hr_checkpoint", "hr_sampler"):
+            out[name] = values[name] or None
+        else:
+            out[name] = values[name]
+    return out
 
 
 def img2img_request(values: Mapping[str, Any]) -> GenerationRequest:

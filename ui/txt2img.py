@@ -5,7 +5,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from ui import forms
+from ui import forms, hires_controls
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
@@ -24,6 +24,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 forms.sampling_controls(reg, TAB, preset)
+                hires_controls.build(ctx, reg, TAB)
                 extension_accordions(ctx, reg, TAB)
             with gr.Column(scale=1):
                 forms.results_panel(reg, TAB, {"send_to_img2img": "Send to img2img"})
@@ -36,6 +37,9 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         ("Automatic", "Karras", ...), steps, cfg_scale, width, height (multiples of 8), seed (-1:
         random), batch_count, batch_size, checkpoint (label, name, title or hash; empty: the
         default checkpoint), vae ("Automatic", "None" or a VAE name).
+        Hires fix (A1111 names): enable_hr, hr_scale, hr_upscaler ("Latent", "Lanczos", a model...),
+        hr_second_pass_steps, hr_resize_x/y, hr_checkpoint, hr_sampler, hr_prompt, hr_negative_prompt,
+        denoising_strength.
         Returns the gallery images (PNG files with A1111 infotext) and a JSON object with the
         request, the seeds, the infotexts and the saved paths.
         """

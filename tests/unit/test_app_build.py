@@ -17,7 +17,10 @@ from tests import factories
 
 PUBLIC_ENDPOINTS = {"/txt2img", "/img2img", "/png_info", "/merge_checkpoints", "/merge_loras", "/queue", "/cancel"}
 TXT2IMG_PARAMETERS = ["prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width",
-                      "height", "seed", "batch_count", "batch_size", "checkpoint", "vae"]
+                      "height", "seed", "batch_count", "batch_size", "enable_hr", "hr_scale", "hr_upscaler",
+                      "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint", "hr_sampler", "hr_prompt",
+                      "hr_negative_prompt", "denoising_strength",
+                      "checkpoint", "vae"]
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +135,12 @@ def test_form_values_become_a_validated_request():
                                "sampler": "k_euler_a", "checkpoint": "", "vae": None, "cfg_scale": 4})
     assert (request.prompt, request.steps, request.width, request.height, request.seed) == ("a cat", 12, 64, 128, 42)
     assert (request.sampler, request.checkpoint, request.vae, request.cfg_scale) == ("Euler a", None, "Automatic", 4.0)
+    assert not request.enable_hr
+    hires = txt2img_request({"width": 64, "height": 64, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos",
+                             "hr_second_pass_steps": 3.0, "hr_checkpoint": "", "hr_sampler": "Use same sampler",
+                             "denoising_strength": 0.4})
+    assert (hires.enable_hr, hires.hr_scale, hires.hr_upscaler, hires.hr_second_pass_steps) == (True, 1.5, "Lanczos", 3)
+    assert (hires.hr_checkpoint, hires.denoising_strength) == (None, 0.4)
     with pytest.raises(ValueError, match="width must be a multiple of 8 between 64 and 4096, got 100"):
         txt2img_request({"width": 100})
     with pytest.raises(ValueError, match="steps must be a whole number"):

@@ -1,0 +1,37 @@
+"""txt2img's Hires fix and Refiner accordions, registered as "<tab>.<A1111 API field name>"."""
+from __future__ import annotations
+
+import gradio as gr
+
+from pipelines import hires, samplers, upscalers
+from ui.components import ComponentRegistry
+from ui.context import AppContext
+from ui.topbar import checkpoint_choices
+
+
+def build(ctx: AppContext, reg: ComponentRegistry, tab: str) -> None:
+    models_dir = ctx.registry.paths.models_dir
+    checkpoints = checkpoint_choices(ctx.registry)
+    p = f"{tab}."
+    with gr.Accordion("Hires. fix", open=False, elem_id=f"{tab}_hires"):
+        reg.add(p + "enable_hr", gr.Checkbox(False, label="Enable hires fix", elem_id=f"{tab}_enable_hr"))
+        with gr.Row():
+            reg.add(p + "hr_upscaler", gr.Dropdown(upscalers.upscaler_names(models_dir, latent=True), value="Latent",
+                                                   label="Upscaler", elem_id=f"{tab}_hr_upscaler"))
+            reg.add(p + "hr_second_pass_steps", gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: same)",
+                                                          elem_id=f"{tab}_hires_steps"))
+            reg.add(p + "denoising_strength", gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength",
+                                                        elem_id=f"{tab}_denoising_strength"))
+        with gr.Row():
+            reg.add(p + "hr_scale", gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id=f"{tab}_hr_scale"))
+            reg.add(p + "hr_resize_x", gr.Slider(0, 2048, value=0, step=8, label="Resize width to (0: use scale)",
+                                                 elem_id=f"{tab}_hr_resize_x"))
+            reg.add(p + "hr_resize_y", gr.Slider(0, 2048, value=0, step=8, label="Resize height to (0: use scale)",
+                                                 elem_id=f"{tab}_hr_resize_y"))
+        with gr.Row():
+            reg.add(p + "hr_checkpoint", gr.Dropdown([hires.SAME_CHECKPOINT] + checkpoints, value=hires.SAME_CHECKPOINT,
+                                                     label="Hires checkpoint", allow_custom_value=True))
+            reg.add(p + "hr_sampler", gr.Dropdown([hires.SAME_SAMPLER] + samplers.sampler_names(),
+                                                  value=hires.SAME_SAMPLER, label="Hires sampling method"))
+        reg.add(p + "hr_prompt", gr.Textbox("", label="Hires prompt (empty: same)", lines=2))
+        reg.add(p + "hr_negative_prompt", gr.Textbox("", label="Hires negative prompt (empty: same)", lines=2))
