@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from pipelines import hires, imageops, samplers
+from pipelines.adapters import attach as adapters
 from pipelines.control import apply as control
 from pipelines.hooks import NO_HOOKS, GenerationHooks, StepInfo
 from pipelines.jobs import CancelToken, Progress, ProgressSink
@@ -38,13 +39,16 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
     base_seed = resolve_seed(request.seed)
     images, infotexts, seeds, paths = [], [], [], []
     loads_before = sum(manager.load_counts.values())
-    with manager.pipeline(request.task, request.checkpoint, request.vae) as active, \
-            control.attach(manager, active, request) as (active, control_kwargs):
+    wishes = adapters.wishes_for(request)
+    with manager.pipeline(request.task, request.checkpoint, request.vae, loras=wishes.loras) as active, \
+            control.attach(manager, active, request) as (active, control_kwargs), \
+            adapters.attach(manager, active, request, wishes) as adapter_params:
         if sum(manager.load_counts.values()) != loads_before:
             hooks.model_loaded(manager.snapshot())
         params_common = hooks.extend_infotext(
             request, _infotext_params(manager, active, request) | control.infotext_params(manager, request)
-            | (hires.infotext_params(request) if request.enable_hr else {}))
+            | (hires.infotext_params(request) if request.enable_hr else {})
+            | adapter_params)
         for batch_index in range(request.batch_count):
             if cancel.cancelled:
                 break
@@ -206,7 +210,7 @@ def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
 
 _KEY_ORDER = ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
               "VAE hash", "VAE", "Denoising strength", "RNG", "Mask blur", "Mask mode", "Inpaint area",
-              "Masked area padding", "Masked content", "Version"]
+              "Masked area padding", "Masked content", "Lora hashes", "TI hashes", "Version"]
 
 
 def _ordered_keys(params: dict) -> list[str]:

@@ -160,3 +160,25 @@ def test_partly_matching_lora_is_applied_and_reported(engine):
     with manager.pipeline("txt2img", "tiny.safetensors") as active:
         reports = list(manager.loras.reports(active.pipe.unet).values())
     assert any("partial.safetensors" in r and "68 of 69 layers" in r for r in reports)
+
+
+def test_prompt_tags_apply_loras_and_the_infotext_brings_them_back(engine):
+    from pipelines.metadata import parse_infotext
+
+    manager, _ = engine
+
+    def run(prompt):
+        request = GenerationRequest(prompt=prompt, checkpoint="tiny.safetensors", width=64, height=64, steps=2,
+                                    seed=11, save_images=False)
+        result = generate(manager, None, request)
+        return np.asarray(result.images[0]).astype(int), result.infotexts[0]
+
+    plain, plain_text = run("a red square")
+    tagged, text = run("a red square <lora:style-a:0.9> <lora:style-b:0:0.5>")
+    assert "Lora hashes" not in plain_text
+    assert np.abs(tagged - plain).max() > 8
+    parsed = parse_infotext(text)
+    hashes = manager.registry.addnet_hash(manager.registry.find("lora", "style-a"))[:12]
+    assert parsed["Lora hashes"].startswith(f"style-a: {hashes}, style-b: ")
+    again, _ = run(parsed["Prompt"])
+    assert np.array_equal(again, tagged)
