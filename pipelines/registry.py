@@ -408,6 +408,8 @@ def _scan_checkpoints(root: Path, skipped: dict[Path, str]) -> Iterator[ModelEnt
 
 def _scan_builtins(root: Path, skipped: dict[Path, str]) -> Iterator[ModelEntry]:
     for path in _walk(root, (".safetensors",), None):
+        if path.parent != root:  # subfolders hold the family's VAE/LoRA/embedding/ControlNet files
+            continue
         def make(path: Path = path) -> ModelEntry:
             header = _read_header(path)
             arch = probe.probe_checkpoint(header)

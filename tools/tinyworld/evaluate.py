@@ -1,81 +1,135 @@
-"""Measure a tiny-world checkpoint's text adherence with the ground-truth classifier.
+"""Measure the tiny-world family through Easel's engine, with the world's ground-truth classifier.
 
-`python -m tools.tinyworld.evaluate assets/tinyworld/tinyworld.safetensors --grid /tmp/grid.png`
+`python -m tools.tinyworld.evaluate [--checkpoint PATH] [--only base,vae2] [--grid out.png]`
 
-Loads the single file the way a user's SD1 checkpoint loads offline (diffusers' from_single_file
-with the bundled config and Easel's CLIP tokenizer), samples held-out (prompt, seed) pairs and
-reports background / foreground colour / shape accuracy. The issue asks for this to go through
-Easel's engine once it exists; until then this is diffusers' public pipeline path.
+Everything goes the way a user's request goes: an A1111-style models folder (the files linked
+into `models/Stable-diffusion`, `models/VAE`, `embeddings`, `models/Lora`, `models/ControlNet`),
+Easel's ModelRegistry and PipelineManager, and `pipelines.generate.generate` with a
+GenerationRequest per (prompt, seed) pair. Measures:
+- base: background / foreground colour / shape accuracy on held-out (prompt, seed) pairs;
+- vae2: the warm VAE's colour shift (mean red minus blue, warm VAE minus the checkpoint's own);
+- ti / lora / controlnet: measured only where the engine applies them (see `ENGINE_SUPPORT`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tools.tinyworld import world
-from tools.tinyworld.train import CONFIG_DIR, held_out_pairs, save_grid, score_images
+from tools.tinyworld.train import ASSETS_DIR, held_out_pairs, save_grid, score_images
+
+STEPS, CFG, SAMPLER = 20, 5.0, "Euler"
+# Where each adapter file lives under the assets folder (A1111's folder names).
+FAMILY_FOLDERS = {"VAE": "models/VAE", "embeddings": "embeddings", "Lora": "models/Lora",
+                  "ControlNet": "models/ControlNet"}
 
 
-def load_pipeline(path: Path, tokenizer_dir: Path | None = None):
-    from diffusers import StableDiffusionPipeline
-
-    from tools.tinyworld.train import load_clip_tokenizer
-
-    return StableDiffusionPipeline.from_single_file(
-        str(path),
-        config=str(CONFIG_DIR),
-        local_files_only=True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        tokenizer=load_clip_tokenizer(tokenizer_dir),
-        torch_dtype=torch.float32,
-    )
+@dataclass(frozen=True)
+class Setting:
+    """How every sample is drawn: the issue's bar is measured at 20 steps, CFG 5."""
+    steps: int = STEPS
+    cfg: float = CFG
+    sampler: str = SAMPLER
 
 
-def evaluate(pipe, n_pairs: int = 60, steps: int = 20, cfg: float = 5.0, batch: int = 30):
-    """Returns (scores, images): accuracies over `n_pairs` held-out pairs, and the images."""
-    pairs = held_out_pairs(n_pairs)
-    images = []
-    for i in range(0, len(pairs), batch):
-        chunk = pairs[i : i + batch]
-        generators = [torch.Generator().manual_seed(seed) for _, seed in chunk]
-        result = pipe(
-            [world.caption(*combo) for combo, _ in chunk],
-            height=64,
-            width=64,
-            num_inference_steps=steps,
-            guidance_scale=cfg,
-            generator=generators,
-            output_type="np",
-        )
-        images.append((result.images * 255).round().astype(np.uint8))
-    images = np.concatenate(images)
+def models_folder(root: Path, assets_dir: Path = ASSETS_DIR, checkpoint: Path | None = None) -> Path:
+    """An A1111-style folder under `root` linking the family's files (and `checkpoint`, if given;
+    without it the engine uses the built-in tiny-world from `assets_dir`)."""
+    (root / "models" / "Stable-diffusion").mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None:
+        (root / "models" / "Stable-diffusion" / Path(checkpoint).name).symlink_to(Path(checkpoint).resolve())
+    for source, target in FAMILY_FOLDERS.items():
+        (root / target).mkdir(parents=True, exist_ok=True)
+        for path in sorted((assets_dir / source).glob("*")) if (assets_dir / source).is_dir() else []:
+            (root / target / path.name).symlink_to(path.resolve())
+    return root
+
+
+def open_engine(root: Path, data_dir: Path, builtin_dir: Path = ASSETS_DIR):
+    """Easel's registry and PipelineManager over `root` (as app.py wires them), CPU fp32."""
+    from pipelines.cache import ModelCache
+    from pipelines.hashing import HashCache
+    from pipelines.manager import PipelineManager
+    from pipelines.registry import ModelPaths, ModelRegistry
+
+    paths = ModelPaths(models_dir=root / "models", embeddings_dir=root / "embeddings", builtin_dir=builtin_dir)
+    registry = ModelRegistry(paths, HashCache(data_dir / "hashes.json"))
+    registry.refresh()
+    return PipelineManager(registry, ModelCache(1 << 30), torch.device("cpu"), torch.float32)
+
+
+def render(manager, prompt: str, seed: int, setting: Setting = Setting(), **fields) -> np.ndarray:
+    """One 64x64 image through `generate`, as uint8 (H, W, 3)."""
+    from pipelines.generate import generate
+    from pipelines.request import GenerationRequest
+
+    request = GenerationRequest(prompt=prompt, seed=seed, width=64, height=64, steps=setting.steps,
+                                cfg_scale=setting.cfg, sampler=setting.sampler, save_images=False, **fields)
+    return np.asarray(generate(manager, None, request).images[0])
+
+
+def adherence(manager, pairs, setting: Setting = Setting(), **fields) -> tuple[dict, np.ndarray]:
+    """Classifier accuracy (bg, fg, shape) of the captions of `pairs`, and the images."""
+    images = np.stack([render(manager, world.caption(*combo), seed, setting, **fields) for combo, seed in pairs])
     truths = [world.Classification(bg=c[2], fg=c[0], shape=c[1]) for c, _ in pairs]
     return score_images(images, truths), images
 
 
+def colour_shift(manager, vae_name: str, pairs, setting: Setting = Setting()) -> dict:
+    """Mean (red - blue) of the same samples decoded by `vae_name` and by the checkpoint's VAE."""
+    from tools.tinyworld.vae2 import warmth
+
+    shifts = []
+    for combo, seed in pairs:
+        prompt = world.caption(*combo)
+        base = render(manager, prompt, seed, setting, vae="None")
+        other = render(manager, prompt, seed, setting, vae=vae_name)
+        shifts.append(warmth(other[None]) - warmth(base[None]))
+    shifts = np.array(shifts)
+    return {"mean_red_minus_blue_shift": round(float(shifts.mean()), 1),
+            "warmer_fraction": round(float((shifts > 0).mean()), 3)}
+
+
+def evaluate_family(manager, assets_dir: Path, n_pairs: int, setting: Setting, only: set[str]) -> dict:
+    results: dict = {"setting": vars(setting), "pairs": n_pairs}
+    pairs = held_out_pairs(n_pairs)
+    if "base" in only:
+        results["base"], results["_base_images"] = adherence(manager, pairs, setting)
+    if "vae2" in only and (assets_dir / "VAE").is_dir():
+        from tools.tinyworld.vae2 import OUTPUT_NAME
+
+        results["vae2"] = colour_shift(manager, OUTPUT_NAME, pairs[:20], setting)
+    return results
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the built-in tiny-world")
+    parser.add_argument("--assets-dir", type=Path, default=ASSETS_DIR)
+    parser.add_argument("--only", default="base,vae2,ti,lora,controlnet")
     parser.add_argument("--pairs", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=5.0)
-    parser.add_argument("--grid", type=Path, default=None, help="save the samples as a PNG grid")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--cfg", type=float, default=CFG)
+    parser.add_argument("--sampler", default=SAMPLER)
+    parser.add_argument("--grid", type=Path, default=None, help="save the base samples as a PNG grid")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    scores, images = evaluate(pipe, args.pairs, args.steps, args.cfg)
-    if args.grid:
+    with tempfile.TemporaryDirectory(prefix="tinyworld-eval-") as tmp:
+        root = models_folder(Path(tmp), args.assets_dir, args.checkpoint)
+        manager = open_engine(root, Path(tmp), builtin_dir=args.assets_dir)
+        setting = Setting(args.steps, args.cfg, args.sampler)
+        results = evaluate_family(manager, args.assets_dir, args.pairs, setting, set(args.only.split(",")))
+    images = results.pop("_base_images", None)
+    if args.grid is not None and images is not None:
         save_grid(images, args.grid)
-    print(json.dumps({"sampler": type(pipe.scheduler).__name__, "steps": args.steps, "cfg": args.cfg,
-                      "pairs": args.pairs, **scores}))
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Train the tiny-world model family: `python -m tools.tinyworld.train --run-dir tools/tinyworld/runs/main`.
 
-Stages (run all, or one with --stage): data -> vae -> latents -> unet -> export.
+Stages (run all, or one with --stage): data -> vae -> latents -> unet -> export, then the
+adapters trained on the exported checkpoint: vae2 (warm VAE), ti (embedding), lora (stripes),
+controlnet (canny).
 Every stage is seeded and reads what the previous stage wrote to the run folder, so a stage can
 be rerun alone. Never run by CI; CI uses the committed files in assets/tinyworld/.
 
@@ -31,7 +33,8 @@ from tools.tinyworld import world
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "pipelines" / "configs" / "tinyworld"
-STAGES = ("data", "vae", "latents", "unet", "export")
+STAGES = ("data", "vae", "latents", "unet", "export", "vae2", "ti", "lora", "controlnet")
+ASSETS_DIR = REPO_ROOT / "assets" / "tinyworld"
 MAX_TOKENS = 77
 
 
@@ -396,6 +399,31 @@ def stage_export(run_dir: Path, output: Path, which: str) -> None:
     log(run_dir, f"export: {output} ({output.stat().st_size / 1e6:.1f} MB, {len(state)} tensors)")
 
 
+# ----------------------------------------------------------------------------- adapters
+
+
+def run_adapter_stage(stage: str, args) -> None:
+    """The adapter stages live in their own modules; each trains on the exported checkpoint."""
+    common = dict(run_dir=args.run_dir, seed=args.seed, batch=args.adapter_batch, minutes=args.adapter_minutes)
+    if stage == "vae2":
+        from tools.tinyworld.vae2 import OUTPUT_NAME, stage_vae2
+
+        stage_vae2(output=args.assets_dir / "VAE" / OUTPUT_NAME, steps=args.vae2_steps, lr=args.vae2_lr, **common)
+    elif stage == "ti":
+        from tools.tinyworld.ti import stage_ti
+
+        stage_ti(output_dir=args.assets_dir / "embeddings", steps=args.ti_steps, lr=args.ti_lr, **common)
+    elif stage == "lora":
+        from tools.tinyworld.lora import stage_lora
+
+        stage_lora(output_dir=args.assets_dir / "Lora", steps=args.lora_steps, lr=args.lora_lr,
+                   rank=args.lora_rank, **common)
+    else:
+        from tools.tinyworld.controlnet import stage_controlnet
+
+        stage_controlnet(output_dir=args.assets_dir / "ControlNet", steps=args.cn_steps, lr=args.cn_lr, **common)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -423,7 +451,20 @@ def parse_args(argv=None):
                         help="VAE: train another round on the saved VAE; UNet: continue from unet_state.pt")
     parser.add_argument("--tokenizer-dir", type=Path, default=None, help="a saved CLIPTokenizer (default: Easel's)")
     parser.add_argument("--export-from", choices=("best", "last"), default="best")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "assets" / "tinyworld" / "tinyworld.safetensors")
+    parser.add_argument("--output", type=Path, default=ASSETS_DIR / "tinyworld.safetensors")
+    parser.add_argument("--assets-dir", type=Path, default=ASSETS_DIR,
+                        help="where the adapter stages write (VAE/, embeddings/, Lora/, ControlNet/ inside)")
+    parser.add_argument("--adapter-minutes", type=float, default=25.0, help="wall-time cap of each adapter stage")
+    parser.add_argument("--vae2-steps", type=int, default=300)
+    parser.add_argument("--vae2-lr", type=float, default=5e-4)
+    parser.add_argument("--ti-steps", type=int, default=400)
+    parser.add_argument("--ti-lr", type=float, default=5e-3)
+    parser.add_argument("--lora-steps", type=int, default=600)
+    parser.add_argument("--lora-lr", type=float, default=2e-3)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--cn-steps", type=int, default=800)
+    parser.add_argument("--cn-lr", type=float, default=1e-3)
+    parser.add_argument("--adapter-batch", type=int, default=16)
     return parser.parse_args(argv)
 
 
@@ -445,8 +486,10 @@ def main(argv=None) -> None:
             stage_unet(args.run_dir, args.device, args.seed, args.unet_steps, args.unet_batch, args.unet_lr,
                        args.eval_every, args.eval_pairs, args.eval_steps, args.unet_minutes, args.resume,
                        args.tokenizer_dir)
-        else:
+        elif stage == "export":
             stage_export(args.run_dir, args.output, args.export_from)
+        else:
+            run_adapter_stage(stage, args)
         log(args.run_dir, f"stage {stage} took {time.time() - started:.0f}s")
 
 
