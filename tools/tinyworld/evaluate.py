@@ -8,7 +8,9 @@ Easel's ModelRegistry and PipelineManager, and `pipelines.generate.generate` wit
 GenerationRequest per (prompt, seed) pair. Measures:
 - base: background / foreground colour / shape accuracy on held-out (prompt, seed) pairs;
 - vae2: the warm VAE's colour shift (mean red minus blue, warm VAE minus the checkpoint's own);
-- ti / lora / controlnet: measured only where the engine applies them (see `ENGINE_SUPPORT`).
+- ti: how often "a tw-green-square on a {bg} background" shows a green square, vs the words;
+- lora: fraction of striped images at LoRA weights 0, 0.5, 1 (`<lora:tw-stripes:w>` tags);
+- controlnet: mean IoU of the generated shape with the shape whose canny edges conditioned it.
 """
 from __future__ import annotations
 
@@ -96,6 +98,72 @@ def colour_shift(manager, vae_name: str, pairs, setting: Setting = Setting()) ->
             "warmer_fraction": round(float((shifts > 0).mean()), 3)}
 
 
+def concept_accuracy(manager, seeds: list[int], setting: Setting = Setting()) -> dict:
+    """How often the classifier sees a green square: the embedding's prompt vs the base words."""
+    from tools.tinyworld.ti import CONCEPT, EMBEDDING_NAME, concept_prompt
+
+    backgrounds = [c for c in world.COLOURS if c != CONCEPT[0]]
+    result = {}
+    for label, token in (("embedding", EMBEDDING_NAME), ("words", " ".join(CONCEPT))):
+        hits = 0
+        for k, seed in enumerate(seeds):
+            got = world.classify(render(manager, concept_prompt(backgrounds[k % len(backgrounds)], token), seed, setting))
+            hits += (got.fg, got.shape) == CONCEPT
+        result[label] = round(hits / len(seeds), 3)
+    return result
+
+
+def load_embedding_into_engine(manager, assets_dir: Path) -> None:
+    """INTEGRATION POINT (adapters lane): until the engine loads models/embeddings itself, add
+    the embedding to the loaded checkpoint's shared tokenizer/text encoder the way the cross-lane
+    contract says the adapters lane will (diffusers' load_textual_inversion with token=name)."""
+    from tools.tinyworld.ti import EMBEDDING_NAME
+
+    with manager.pipeline("txt2img", None, "None") as active:
+        if EMBEDDING_NAME not in active.pipe.tokenizer.get_vocab():
+            active.pipe.load_textual_inversion(str(assets_dir / "embeddings" / f"{EMBEDDING_NAME}.pt"),
+                                               token=EMBEDDING_NAME)
+
+
+def texture_scores(manager, pairs, weights=(0.0, 0.5, 1.0), setting: Setting = Setting()) -> dict:
+    """Fraction of striped images at each LoRA weight (prompt tag + trigger word), and whether
+    weight 0 gives the base picture pixel for pixel."""
+    from tools.tinyworld.lora import LORA_NAME, TRIGGER, is_striped
+
+    result = {}
+    base = [render(manager, f"{world.caption(*c)}, {TRIGGER}", seed, setting) for c, seed in pairs]
+    for weight in weights:
+        images = [render(manager, f"{world.caption(*c)}, {TRIGGER} <lora:{LORA_NAME}:{weight:g}>", seed, setting)
+                  for c, seed in pairs]
+        result[f"striped_at_{weight:g}"] = round(float(np.mean([is_striped(i) for i in images])), 3)
+        if weight == 0:
+            result["weight_0_identical_to_base"] = all(np.array_equal(a, b) for a, b in zip(images, base))
+    result["striped_without_lora"] = round(float(np.mean([is_striped(i) for i in base])), 3)
+    return result
+
+
+def controlnet_iou(manager, n: int, setting: Setting = Setting(), seed: int = 4242) -> dict:
+    """Mean IoU of the generated shape's mask with the mask of the world image whose canny edges
+    were the condition, and without the ControlNet for comparison."""
+    from PIL import Image
+
+    from pipelines.control.units import ControlUnit
+    from tools.tinyworld.controlnet import CONTROLNET_NAME, canny, foreground_mask, mask_iou
+
+    samples = world.sample_dataset(n, seed=seed)
+    with_cn, without = [], []
+    for k, sample in enumerate(samples):
+        source = np.asarray(sample.image)
+        unit = ControlUnit(module="none", model=CONTROLNET_NAME, image=Image.fromarray(canny(source)),
+                           resize_mode="Just Resize", processor_res=64)
+        truth = foreground_mask(source)
+        image = render(manager, sample.caption, 20_000 + k, setting, control_units=(unit,))
+        plain = render(manager, sample.caption, 20_000 + k, setting)
+        with_cn.append(mask_iou(foreground_mask(image), truth))
+        without.append(mask_iou(foreground_mask(plain), truth))
+    return {"mean_iou": round(float(np.mean(with_cn)), 3), "mean_iou_without_controlnet": round(float(np.mean(without)), 3)}
+
+
 def evaluate_family(manager, assets_dir: Path, n_pairs: int, setting: Setting, only: set[str]) -> dict:
     results: dict = {"setting": vars(setting), "pairs": n_pairs}
     pairs = held_out_pairs(n_pairs)
@@ -105,6 +173,13 @@ def evaluate_family(manager, assets_dir: Path, n_pairs: int, setting: Setting, o
         from tools.tinyworld.vae2 import OUTPUT_NAME
 
         results["vae2"] = colour_shift(manager, OUTPUT_NAME, pairs[:20], setting)
+    if "ti" in only and (assets_dir / "embeddings").is_dir():
+        load_embedding_into_engine(manager, assets_dir)
+        results["ti"] = concept_accuracy(manager, [s for _, s in pairs], setting)
+    if "lora" in only and (assets_dir / "Lora").is_dir():
+        results["lora"] = texture_scores(manager, pairs[:20], setting=setting)
+    if "controlnet" in only and (assets_dir / "ControlNet").is_dir():
+        results["controlnet"] = controlnet_iou(manager, min(n_pairs, 30), setting)
     return results
 
 

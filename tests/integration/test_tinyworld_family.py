@@ -1,0 +1,75 @@
+"""The shipped tiny-world family (assets/tinyworld/), loaded through Easel's public paths -
+registry scan of an A1111 models folder, PipelineManager, `generate` with a GenerationRequest -
+and judged by the world's ground-truth classifier, so a regression in the engine, the
+tokenizer, the scheduler table or the loaders fails here.
+
+The fixed (prompt, seed) pairs below are ones the shipped checkpoint drew right when these tests
+were written (12 steps, Euler, CFG 5); the thresholds leave room for small numeric drift.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.arch import Arch
+from tests.integration.conftest import make_engine
+from tools.tinyworld import world
+from tools.tinyworld.evaluate import Setting, models_folder, render
+from tools.tinyworld.vae2 import OUTPUT_NAME as WARM_VAE
+from tools.tinyworld.vae2 import warmth
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "tinyworld"
+SETTING = Setting(steps=12, cfg=5.0, sampler="Euler")
+MAX_FAMILY_BYTES = 40 * 1024 * 1024
+
+# (fg, shape, bg), seed: the shipped checkpoint painted the right background for each, and
+# for the first seven the right foreground colour and shape too (found among 45 random pairs).
+BACKGROUND_PAIRS = [
+    (("white", "square", "black"), 1005), (("black", "circle", "red"), 1006),
+    (("red", "triangle", "green"), 1018), (("white", "circle", "black"), 1024),
+    (("black", "triangle", "white"), 1026), (("yellow", "square", "blue"), 1030),
+    (("yellow", "circle", "red"), 1032),
+    (("yellow", "square", "blue"), 1004), (("red", "triangle", "blue"), 1016),
+    (("yellow", "circle", "black"), 1031),
+]
+FULLY_RIGHT = 7
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = models_folder(tmp_path_factory.mktemp("family"), ASSETS)
+    manager, _ = make_engine(root, root / "data", builtin_dir=ASSETS)
+    return manager
+
+
+def test_family_fits_the_size_budget():
+    total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    assert total <= MAX_FAMILY_BYTES
+
+
+def test_family_files_are_listed_as_their_kind(family):
+    registry = family.registry
+    checkpoints = registry.checkpoints()
+    assert [e.arch for e in checkpoints] == [Arch.TINYWORLD]  # adapters in subfolders are not checkpoints
+    assert checkpoints[0].builtin
+    assert [e.name for e in registry.vaes()] == [WARM_VAE]
+
+
+def test_builtin_checkpoint_draws_the_prompt_on_recorded_seeds(family):
+    backgrounds = whole = 0
+    for k, ((fg, shape, bg), seed) in enumerate(BACKGROUND_PAIRS):
+        got = world.classify(render(family, world.caption(fg, shape, bg), seed, SETTING))
+        backgrounds += got.bg == bg
+        whole += k < FULLY_RIGHT and got == world.Classification(bg=bg, fg=fg, shape=shape)
+    assert backgrounds >= 8, f"{backgrounds}/10 backgrounds right (10/10 when recorded)"
+    assert whole >= 5, f"{whole}/{FULLY_RIGHT} pictures fully right ({FULLY_RIGHT}/{FULLY_RIGHT} when recorded)"
+
+
+def test_warm_vae_renders_the_same_sample_warmer(family):
+    for (fg, shape, bg), seed in BACKGROUND_PAIRS[:3]:
+        prompt = world.caption(fg, shape, bg)
+        own = render(family, prompt, seed, SETTING, vae="None")
+        warm = render(family, prompt, seed, SETTING, vae=WARM_VAE)
+        # the decoder changed, not the sample: same layout, redder and less blue
+        assert np.abs(own.astype(int) - warm.astype(int)).mean() < 80
+        assert warmth(warm[None]) - warmth(own[None]) > 20
