@@ -46,6 +46,7 @@ class Settings:
     max_upload_mb: float = 25.0
     max_upload_pixels: int = 4096 * 4096
     api_auth: str | None = None  # user:pass[,u2:p2] for the REST API; default: --auth
+    control_net_unit_count: int = 3  # ControlNet units in the UI (the A1111 extension's option name)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -64,6 +65,8 @@ class Settings:
                      "max_upload_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.control_net_unit_count <= 10:
+            raise ValueError(f"control_net_unit_count must be between 1 and 10, got {self.control_net_unit_count}")
         if not self.max_upload_mb > 0:
             raise ValueError(f"max_upload_mb must be above 0, got {self.max_upload_mb}")
 
@@ -131,7 +134,7 @@ _FIELD_TYPES = {"data_dir": Path, "models_dir": Path, "embeddings_dir": Path, "a
                 "share": bool, "api": bool, "device": str, "precision": str, "auth": str,
                 "enable_insecure_extension_access": bool, "max_queued_per_user": int, "max_width": int,
                 "max_height": int, "max_steps": int, "max_batch_images": int, "max_upload_mb": float,
-                "max_upload_pixels": int, "api_auth": str}
+                "max_upload_pixels": int, "api_auth": str, "control_net_unit_count": int}
 
 
 def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from pipelines.request import RESIZE_MODES
-from ui import forms
+from ui import control_tab, forms
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
@@ -33,6 +33,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
                 reg.add(f"{TAB}.denoising_strength", gr.Slider(
                     0, 1, value=0.75, step=0.01, label="Denoising strength", elem_id="img2img_denoising_strength"))
                 extension_accordions(ctx, reg, TAB)
+                control_tab.build(ctx, reg, TAB)
             with gr.Column(scale=1):
                 forms.results_panel(reg, TAB, {})
     forms.wire_form(reg, TAB)
@@ -107,4 +108,5 @@ def _wire_generate(ctx: AppContext, reg: ComponentRegistry) -> None:
             raise user_error(exc) from exc
         yield from stream_job(ctx.jobs, generation, owner_of(request), progress)
 
-    wire_generate_buttons(ctx, reg, TAB, img2img, IMG2IMG_FIELDS, MODEL_FIELDS, api_name="img2img")
+    wire_generate_buttons(ctx, reg, TAB, control_tab.optional_images(ctx, img2img),
+                          IMG2IMG_FIELDS + control_tab.fields(ctx), MODEL_FIELDS, api_name="img2img")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ui import extensions_tab, img2img, merger_tab, png_info, queue_panel, settings_tab, topbar, transfers, txt2img
+from ui import (control_tab, extensions_tab, img2img, merger_tab, png_info, queue_panel, settings_tab, topbar,
+                transfers, txt2img)
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.extension_slots import extension_tabs
@@ -36,6 +37,7 @@ def build_ui(ctx: AppContext) -> tuple[gr.Blocks, ComponentRegistry]:
         topbar.wire(ctx, reg)
         merger_tab.wire(ctx, reg)
         transfers.build(ctx, reg)
+        control_tab.wire_paste(ctx, reg)
     # One device: generation events share the "device" concurrency group; the job queue
     # underneath orders them fairly between users and runs one at a time.
     blocks.queue(max_size=64)

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.request import GenerationRequest
+from ui.control_form import units_from_form
 
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale",
                  "width", "height", "seed", "batch_count", "batch_size")
@@ -105,6 +106,7 @@ def _common(values: Mapping[str, Any]) -> dict[str, Any]:
         "seed": _number(values, "seed", int, -1),
         "batch_count": _number(values, "batch_count", int, 1),
         "batch_size": _number(values, "batch_size", int, 1),
+        "control_units": units_from_form(values),
     }
 
 

@@ -5,7 +5,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from ui import forms, hires_controls
+from ui import control_tab, forms, hires_controls
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
@@ -26,6 +26,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
                 forms.sampling_controls(reg, TAB, preset)
                 hires_controls.build(ctx, reg, TAB)
                 extension_accordions(ctx, reg, TAB)
+                control_tab.build(ctx, reg, TAB)
             with gr.Column(scale=1):
                 forms.results_panel(reg, TAB, {"send_to_img2img": "Send to img2img"})
     forms.wire_form(reg, TAB)
@@ -49,4 +50,5 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
             raise user_error(exc) from exc
         yield from stream_job(ctx.jobs, generation, owner_of(request), progress)
 
-    wire_generate_buttons(ctx, reg, TAB, txt2img, TXT2IMG_FIELDS, MODEL_FIELDS, api_name="txt2img")
+    wire_generate_buttons(ctx, reg, TAB, control_tab.optional_images(ctx, txt2img),
+                          TXT2IMG_FIELDS + control_tab.fields(ctx), MODEL_FIELDS, api_name="txt2img")

@@ -2,6 +2,7 @@
 documented endpoints, and the UI's pure helpers (form values -> request, ImageEditor mask,
 presets, infotext -> form, job streaming, auth) behave."""
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pipelines.metadata import parse_infotext
 from pipelines.request import GenerationResult
 from pipelines.settings import Settings
 from tests import factories
+from ui.control_form import control_fields
 
 PUBLIC_ENDPOINTS = {"/txt2img", "/img2img", "/png_info", "/merge_checkpoints", "/merge_loras", "/queue", "/cancel"}
 TXT2IMG_PARAMETERS = ["prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width",
@@ -89,7 +91,9 @@ def test_only_the_documented_endpoints_are_public(built):
 def test_txt2img_endpoint_parameters_are_named_and_optional(built):
     blocks, _ctx, _components = built
     params = blocks.get_api_info()["named_endpoints"]["/txt2img"]["parameters"]
-    assert [p["parameter_name"] for p in params] == TXT2IMG_PARAMETERS
+    names = [p["parameter_name"] for p in params]
+    assert [n for n in names if not re.match(r"cn\d+_", n)] == TXT2IMG_PARAMETERS
+    assert set(control_fields(3)) <= set(names)  # the ControlNet units, by name
     assert all(p["parameter_has_default"] for p in params)
     img2img = {p["parameter_name"]: p for p in blocks.get_api_info()["named_endpoints"]["/img2img"]["parameters"]}
     assert {"mode", "init_image", "mask", "denoising_strength", "resize_mode", "inpaint_area"} <= set(img2img)
