@@ -16,7 +16,7 @@ from pipelines.offline import configure_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 PRESETS_DIR = PROJECT_ROOT / "presets"
-BUILTIN_EXTENSIONS_DIR = PROJECT_ROOT / "extensions" / "builtin"
+BUILTIN_EXTENSIONS_DIR = PROJECT_ROOT / "extensions" / "builtin"  # == extensions.loader.BUILTIN_DIR
 _TRUE = ("1", "true", "yes", "on")
 log = logging.getLogger("easel")
 

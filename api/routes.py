@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from fastapi import APIRouter, Body, Depends, Query
 
-from api import listings, mapping, scripts
+from api import extension_routes, listings, mapping, scripts
 from api.images import ImageLimits, decode_image
 from api.models import (EmbeddingsResponse, HypernetworkItem, Img2ImgRequest, ImageResponse,
                         LatentUpscalerModeItem, LoraItem, PNGInfoRequest, PNGInfoResponse,
@@ -160,9 +160,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
     def script_info() -> list[dict[str, Any]]:
         return scripts.script_info(mapping.request_fields())
 
-    @router.get("/extensions")
-    def extensions() -> list[dict[str, Any]]:
-        return []
+    extension_routes.add_routes(router, ctx, authenticate)
 
     @router.get("/memory")
     def memory() -> dict[str, Any]:

@@ -146,6 +146,14 @@ class ExtensionActions:
         raise ValueError(f"no extension named '{name}'")
 
 
+def actions_for(ctx: Any) -> ExtensionActions:
+    """The actions over an AppContext (the UI tab and the REST routes use the same)."""
+    from extensions.loader import BUILTIN_DIR
+
+    loaded = getattr(ctx, "extensions", None) or ExtensionSet([])
+    return ExtensionActions(ctx.settings, loaded, BUILTIN_DIR, restart=getattr(ctx, "restart", None))
+
+
 def _status(found: ExtensionRecord, running: ExtensionRecord | None, enabled: bool) -> str:
     if found.error:
         return f"error: {found.error}"

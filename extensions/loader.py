@@ -20,6 +20,7 @@ from extensions.hooks import ExtensionHooks
 from extensions.manifest import Manifest, read_manifest
 
 log = logging.getLogger("easel.extensions")
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"  # shipped with Easel
 ENTRY_FILE = "__init__.py"  # an extension folder is a Python package exposing register(api)
 MAX_HOOK_ERRORS = 20
 

@@ -8,18 +8,12 @@ from typing import Any
 
 import gradio as gr
 
-from extensions.actions import TABLE_HEADERS, ExtensionActions
+from extensions.actions import TABLE_HEADERS, ExtensionActions, actions_for
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
 
 INDEX_HEADERS = ["name", "description", "tags", "URL", "installed"]
-
-
-def actions_for(ctx: AppContext) -> ExtensionActions:
-    from app import BUILTIN_EXTENSIONS_DIR
-
-    return ExtensionActions(ctx.settings, ctx.extensions, BUILTIN_EXTENSIONS_DIR, restart=ctx.restart)
 
 
 def username_of(request: Any) -> str | None:

@@ -237,3 +237,43 @@ def test_listen_without_the_flag_refuses_changes_in_the_ui_handlers(tmp_path):
     local = actions_for(tmp_path / "data", tmp_path / "none")
     extensions_tab.uninstall_handler(local, "sample", anonymous)
     assert not (tmp_path / "data" / "extensions" / "sample").exists()
+
+
+def test_rest_routes_list_install_and_refuse_when_exposed(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    import api
+    from pipelines.access import Authenticator, User
+
+    def client_for(settings, credentials=()):
+        ctx = types.SimpleNamespace(settings=settings, registry=None, manager=None, jobs=None,
+                                    extensions=ExtensionSet([]), restart=None)
+        fastapi_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        verify = Authenticator([User(n, p) for n, p in credentials]) if credentials else None
+        api.mount(fastapi_app, ctx, verify)
+        return TestClient(fastapi_app)
+
+    repo = tmp_path / "repo"
+    commit = make_repo(repo)
+    installed = tmp_path / "data" / "extensions" / "sample"
+    exposed = client_for(Settings(data_dir=tmp_path / "data", listen=True, api=True))
+    refused = exposed.post("/sdapi/v1/extensions/install", json={"url": f"file://{repo}"})
+    assert refused.status_code == 403 and "--enable-insecure-extension-access" in refused.json()["detail"]
+    assert not installed.exists()
+
+    local = client_for(Settings(data_dir=tmp_path / "data", api=True))
+    done = local.post("/sdapi/v1/extensions/install", json={"url": f"file://{repo}"})
+    assert done.status_code == 200 and "Installed **sample**" in done.json()["message"]
+    listed = {e["name"]: e for e in local.get("/sdapi/v1/extensions").json()}
+    assert listed["sample"]["commit_hash"] == commit and listed["sample"]["remote"] == f"file://{repo}"
+    assert listed["sample"]["enabled"] is True and listed["xyz-plot"]["builtin"] is True
+    assert exposed.post("/sdapi/v1/extensions/sample/uninstall").status_code == 403 and installed.exists()
+
+    # exposed with the flag: only a logged-in API user may change extensions
+    allowed = client_for(Settings(data_dir=tmp_path / "data", listen=True, api=True, auth="ann:pw",
+                                  enable_insecure_extension_access=True), credentials=[("ann", "pw")])
+    assert allowed.post("/sdapi/v1/extensions/sample/disable").status_code == 401
+    assert allowed.post("/sdapi/v1/extensions/sample/disable", auth=("ann", "pw")).status_code == 200
+    assert ExtensionState(tmp_path / "data").disabled() == {"sample"}
+    assert local.post("/sdapi/v1/extensions/sample/uninstall").status_code == 200 and not installed.exists()
