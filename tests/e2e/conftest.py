@@ -1,20 +1,23 @@
 """The real server: `app.main` in a subprocess on a free loopback port, over a temporary data dir
-whose models folder holds a tiny single-file checkpoint (and a truncated one, for the error path)."""
+whose models folder holds a tiny single-file checkpoint (and a truncated one, for the error path)
+and a LoRA header; the REST API is on (--api) behind its own login (--api-auth), the UI is open."""
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests import factories
+from tests import factories, stripped
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180  # imports of torch + diffusers + gradio on a busy 2-core machine
+API_AUTH = ("apiuser", "apipass")
 
 
 @dataclass
@@ -34,15 +37,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_serving(server: Server) -> None:
+def wait_until_serving(server: Server, path: str = "/", ready=(200,)) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             pytest.fail(f"the server exited with {server.process.returncode}:\n{server.log_tail()}")
         try:
-            with urllib.request.urlopen(server.url + "/", timeout=5) as response:
-                if response.status == 200:
+            with urllib.request.urlopen(server.url + path, timeout=5) as response:
+                if response.status in ready:
                     return
+        except urllib.error.HTTPError as exc:
+            if exc.code in ready:
+                return
         except OSError:
             pass
         time.sleep(0.5)
@@ -57,6 +63,8 @@ def server(tmp_path_factory):
     # A valid header over missing tensor data: listed by the registry, fails when loaded.
     data = tiny.read_bytes()
     (checkpoints / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    stripped.write_stripped(data_dir / "models" / "Lora" / "styleA_v3.safetensors", stripped.kohya_lora_sd1_layout(),
+                            stripped.KOHYA_SD1_METADATA)
     port = free_port()
     log = data_dir.parent / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -64,11 +72,13 @@ def server(tmp_path_factory):
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-c", "import sys, app; sys.exit(app.main(sys.argv[1:]))",
-             "--data-dir", str(data_dir), "--port", str(port), "--device", "cpu"],
+             "--data-dir", str(data_dir), "--port", str(port), "--device", "cpu",
+             "--api", "--api-auth", ":".join(API_AUTH)],
             cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     running = Server(url=f"http://127.0.0.1:{port}", data_dir=data_dir, log=log, process=process)
     try:
         wait_until_serving(running)
+        wait_until_serving(running, "/openapi.json", ready=(401,))  # the REST API mounts just after launch
         yield running
     finally:
         process.terminate()

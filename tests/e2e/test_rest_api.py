@@ -1,0 +1,219 @@
+"""The A1111-compatible REST API on the real server, driven by real clients: webuiapi (the
+A1111 client library) and plain `requests` replaying Open WebUI's calls. Results are compared
+with the engine run in this process on the same checkpoint, pixel for pixel, and infotexts are
+parsed back to the request."""
+import base64
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from pipelines.generate import generate
+from pipelines.metadata import parse_infotext, read_infotext
+from pipelines.request import GenerationRequest
+from tests.e2e.conftest import API_AUTH
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PROMPT = "a lighthouse at dusk, (calm sea:1.1)"
+BASE = dict(prompt=PROMPT, negative_prompt="fog", sampler_name="Euler a", steps=3, cfg_scale=5,
+            width=64, height=64, seed=1234)
+# What the engine gets for BASE (the server's default checkpoint is the user's tiny one).
+ENGINE_BASE = dict(prompt=PROMPT, negative_prompt="fog", sampler="Euler a", steps=3, cfg_scale=5, width=64,
+                   height=64, seed=1234, checkpoint="tiny.safetensors", save_images=False)
+
+
+@pytest.fixture(scope="module")
+def webui(server):
+    import webuiapi
+
+    host, port = server.url.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port), username=API_AUTH[0], password=API_AUTH[1])
+    api.util_wait_for_ready(check_interval=0.2)
+    return api
+
+
+@pytest.fixture(scope="module")
+def engine(server, tmp_path_factory):
+    """The engine in this process, over the server's models folder (read only)."""
+    from pipelines.cache import ModelCache
+    from pipelines.hashing import HashCache
+    from pipelines.manager import PipelineManager
+    from pipelines.registry import ModelPaths, ModelRegistry
+
+    own = tmp_path_factory.mktemp("engine")
+    paths = ModelPaths(models_dir=server.data_dir / "models", embeddings_dir=own / "embeddings",
+                       builtin_dir=own / "no-builtin")
+    registry = ModelRegistry(paths, HashCache(own / "cache.json"))
+    registry.refresh()
+    return PipelineManager(registry, ModelCache(1 << 30), torch.device("cpu"), torch.float32)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def api_url(server, path: str) -> str:
+    return f"{server.url}/sdapi/v1/{path}"
+
+
+@pytest.fixture(scope="module")
+def first(webui):
+    return webui.txt2img(**BASE)
+
+
+def test_txt2img_matches_the_engine_pixel_for_pixel_and_its_infotext_parses_back(first, engine):
+    expected = generate(engine, None, GenerationRequest(task="txt2img", **ENGINE_BASE))
+    assert len(first.images) == 1 and first.image.size == (64, 64)
+    assert np.array_equal(pixels(first.image), pixels(expected.images[0]))
+    text = first.info["infotexts"][0]
+    assert text == expected.infotexts[0] and read_infotext(first.image) == text
+    parsed = parse_infotext(text)
+    assert (parsed["Prompt"], parsed["Negative prompt"], parsed["Sampler"]) == (PROMPT, "fog", "Euler a")
+    assert (parsed["Steps"], parsed["Seed"], parsed["CFG scale"], parsed["Size-1"], parsed["Size-2"]) == (
+        "3", "1234", "5", "64", "64")
+    assert parsed["Model"] == "tiny" and first.info["sd_model_name"] == "tiny"
+    assert first.info["all_seeds"] == [1234] and first.parameters["prompt"] == PROMPT
+
+
+def test_img2img_with_mask_keeps_the_outside_and_matches_the_engine(webui, first, engine):
+    init = first.image.convert("RGB")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    result = webui.img2img(images=[init], mask_image=mask, mask_blur=0, inpainting_fill=1, inpaint_full_res=False,
+                           denoising_strength=0.9, **BASE)
+    expected = generate(engine, None, GenerationRequest(
+        task="inpaint", init_image=init, mask=mask, mask_blur=0, inpainting_fill="original", denoising_strength=0.9,
+        **ENGINE_BASE))
+    got = pixels(result.image)
+    assert np.array_equal(got, pixels(expected.images[0]))
+    inside = np.asarray(mask) > 0
+    assert np.array_equal(got[~inside], pixels(init)[~inside])  # outside the mask: the init image
+    assert not np.array_equal(got[inside], pixels(init)[inside])
+    parsed = parse_infotext(result.info["infotexts"][0])
+    assert (parsed["Denoising strength"], parsed["Mask blur"], parsed["Masked content"]) == ("0.9", "0", "original")
+
+
+def test_png_info_reads_back_what_txt2img_wrote(webui, first):
+    info = webui.png_info(first.image)
+    assert info.info == first.info["infotexts"][0]
+    assert (info.parameters["Prompt"], info.parameters["Seed"], info.parameters["Steps"]) == (PROMPT, "1234", "3")
+
+
+def test_lists_match_what_the_server_has(webui, server):
+    from pipelines import samplers
+
+    assert [s["name"] for s in webui.get_samplers()] == samplers.sampler_names()
+    assert [s["label"] for s in webui.get_schedulers()] == samplers.schedule_labels()
+    models = {m["model_name"]: m for m in webui.get_sd_models()}
+    assert set(models) == {"tiny", "tinyworld"}  # the truncated file is skipped by the scan
+    assert models["tiny"]["filename"] == str(server.data_dir / "models" / "Stable-diffusion" / "tiny.safetensors")
+    assert [(lora["name"], lora["alias"]) for lora in webui.get_loras()] == [("styleA_v3", "styleA")]
+    assert webui.get_loras()[0]["metadata"]["ss_network_dim"] == "4"
+
+
+def test_set_and_get_model_by_title(webui, engine):
+    titles = {m["model_name"]: m["title"] for m in webui.get_sd_models()}
+    assert titles["tiny"].startswith("tiny.safetensors [")  # hashed since it was used
+    try:
+        webui.util_set_model(titles["tinyworld"])
+        assert webui.util_get_current_model() == titles["tinyworld"]
+        result = webui.txt2img(**BASE)
+        assert result.info["sd_model_name"] == "tinyworld"
+        assert "Model: tinyworld" in result.info["infotexts"][0]
+        # Once used, a model is hashed and its title becomes A1111's `name [shorthash]`.
+        sha = webui.get_options()["sd_checkpoint_hash"]
+        titled = f"tinyworld.safetensors [{sha[:10]}]"
+        assert webui.util_get_current_model() == titled
+        assert titled in [m["title"] for m in webui.get_sd_models()]
+        # override_settings picks a checkpoint for one request only, by any alias (here the hash).
+        tiny_hash = titles["tiny"].split("[")[1].rstrip("]")
+        once = webui.txt2img(override_settings={"sd_model_checkpoint": tiny_hash}, **BASE)
+        assert once.info["sd_model_name"] == "tiny" and webui.util_get_current_model() == titled
+    finally:
+        webui.util_set_model(titles["tiny"])
+    assert webui.util_get_current_model() == titles["tiny"]
+
+
+def test_progress_polling_and_interrupt_mid_run(webui, server):
+    auth = API_AUTH
+    outcome = {}
+
+    def run():
+        outcome["result"] = webui.txt2img(**{**BASE, "steps": 150, "width": 256, "height": 256})
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    seen = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        progress = requests.get(api_url(server, "progress"), auth=auth, timeout=10).json()
+        if progress["state"]["sampling_step"] >= 3:
+            seen.append(progress)
+            break
+        time.sleep(0.05)
+    assert seen, "the job never showed progress"
+    live = seen[-1]
+    assert 0 < live["progress"] < 1 and live["state"]["job_count"] >= 1 and live["state"]["sampling_steps"] == 150
+    assert live["eta_relative"] > 0 and live["textinfo"].startswith("step ")
+    assert webui.interrupt() == {}
+    worker.join(timeout=120)
+    result = outcome["result"]
+    assert result.info["interrupted"] is True and len(result.images) == 1  # decoded from where it stopped
+    idle = webui.get_progress()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+
+
+def test_open_webui_flow_posts_the_whole_options_dict_back(server):
+    session = requests.Session()
+    session.headers["authorization"] = "Basic " + base64.b64encode(":".join(API_AUTH).encode()).decode()
+    options = session.get(api_url(server, "options"), timeout=10)
+    assert options.status_code == 200
+    options = options.json()
+    assert "forge_preset" not in options
+    models = session.get(api_url(server, "sd-models"), timeout=10).json()
+    target = next(m for m in models if m["model_name"] == "tinyworld")
+    original = options["sd_model_checkpoint"]
+    try:
+        answer = session.post(api_url(server, "options"), json={**options, "sd_model_checkpoint": target["title"]})
+        assert answer.status_code == 200 and answer.json() is None
+        assert session.get(api_url(server, "options"), timeout=10).json()["sd_model_checkpoint"] == target["title"]
+        generated = session.post(api_url(server, "txt2img"), timeout=300, json={
+            "prompt": PROMPT, "batch_size": 2, "width": 64, "height": 64, "steps": 2, "cfg_scale": 5})
+        assert generated.status_code == 200
+        data = generated.json()
+        info = json.loads(data["info"])
+        assert info["sd_model_name"] == "tinyworld" and len(data["images"]) == 2
+        for b64, text in zip(data["images"], info["infotexts"]):
+            image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+            assert image.size == (64, 64) and read_infotext(image) == text
+    finally:
+        session.post(api_url(server, "options"), json={"sd_model_checkpoint": original})
+
+
+def test_every_route_refuses_missing_empty_or_wrong_credentials(server):
+    schema = requests.get(server.url + "/openapi.json", auth=API_AUTH, timeout=10).json()
+    routes = [(method.upper(), path) for path, ops in schema["paths"].items() for method in ops]
+    assert ("POST", "/sdapi/v1/txt2img") in routes and len(routes) >= 29
+    routes += [("GET", "/openapi.json"), ("GET", "/docs")]
+    wrong = "Basic " + base64.b64encode(b"apiuser:nope").decode()
+    for method, path in routes:
+        for headers in ({}, {"Authorization": ""}, {"Authorization": wrong}):
+            response = requests.request(method, server.url + path, headers=headers, json={}, timeout=10)
+            assert response.status_code == 401, (method, path, headers, response.text)
+    assert requests.get(server.url + "/", timeout=10).status_code == 200  # the UI has no login here
+
+
+def test_bad_request_is_422_with_a_specific_message(server):
+    response = requests.post(api_url(server, "txt2img"), auth=API_AUTH, json={**BASE, "width": 100}, timeout=30)
+    assert response.status_code == 422
+    assert response.json()["detail"] == "width must be a multiple of 8 between 64 and 4096, got 100"
+    response = requests.post(api_url(server, "img2img"), auth=API_AUTH, timeout=30,
+                             json={**BASE, "init_images": ["/etc/passwd"]})
+    assert response.status_code == 422 and "file paths are not accepted" in response.json()["detail"]
