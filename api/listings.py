@@ -1,9 +1,8 @@
 """The list endpoints (`sd-models`, `samplers`, `loras`, ...) in A1111's shapes, from the
 registry and the sampler tables. Functions of their inputs only, so each is testable alone.
 
-Integration points: upscalers / latent-upscale-modes (hires lane), prompt-styles (prompts
-lane's styles.csv reader), embeddings and LoRA details (adapters lane) list what the registry
-knows today and grow when those land.
+Integration points: prompt-styles (prompts lane's styles.csv reader), embeddings and LoRA
+details (adapters lane) list what the registry knows today and grow when those land.
 """
 from __future__ import annotations
 
@@ -60,12 +59,21 @@ def scheduler_list() -> list[dict[str, Any]]:
              "default_rho": -1, "need_inner_model": False} for spec in samplers.schedules()]
 
 
-def upscalers() -> list[dict[str, Any]]:
-    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+def upscalers(models_dir: Path) -> list[dict[str, Any]]:
+    """None, Lanczos, Nearest, then the upscaler model files (A1111 names them by stem)."""
+    from pipelines import upscalers as up
+
+    out = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+           for name in (up.NONE, *up.PIXEL_UPSCALERS)]
+    out += [{"name": m.name, "model_name": m.folder, "model_path": str(m.path), "model_url": None, "scale": 4}
+            for m in up.model_files(models_dir)]
+    return out
 
 
 def latent_upscale_modes() -> list[dict[str, Any]]:
-    return []
+    from pipelines import upscalers as up
+
+    return [{"name": name} for name in up.LATENT_MODES]
 
 
 def prompt_styles() -> list[dict[str, Any]]:

@@ -66,7 +66,10 @@ def _common(payload: _Processing, options: ApiOptions) -> dict[str, Any]:
 
 
 def txt2img_request(payload: Txt2ImgRequest, options: ApiOptions) -> GenerationRequest:
-    return GenerationRequest(task="txt2img", **_common(payload, options))
+    values = _common(payload, options)
+    if payload.denoising_strength is not None:  # the hires fix's second pass
+        values["denoising_strength"] = payload.denoising_strength
+    return GenerationRequest(task="txt2img", **values)
 
 
 def img2img_request(payload: Img2ImgRequest, options: ApiOptions,

@@ -142,7 +142,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
 
     @router.get("/upscalers", response_model=list[UpscalerItem])
     def upscalers():
-        return listings.upscalers()
+        return listings.upscalers(ctx.settings.models_root)
 
     @router.get("/latent-upscale-modes", response_model=list[LatentUpscalerModeItem])
     def latent_upscale_modes():

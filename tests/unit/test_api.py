@@ -396,3 +396,23 @@ def test_openapi_schema_documents_the_a1111_fields(client):
     for key in ("init_images", "mask", "inpainting_fill", "resize_mode", "denoising_strength"):
         assert key in img2img
     assert client.get("/docs").status_code == 200 and "swagger" in client.get("/docs").text.lower()
+
+
+def test_hires_fields_keep_their_a1111_names(client, ctx):
+    body = {"width": 64, "height": 64, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos",
+            "hr_second_pass_steps": 2, "hr_checkpoint_name": "other", "hr_sampler_name": "Euler",
+            "hr_prompt": "sharp", "denoising_strength": 0.3, "hr_resize_x": 0}
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200, client.post("/sdapi/v1/txt2img", json=body).text
+    request = ctx.jobs.submitted[0][1]
+    assert (request.enable_hr, request.hr_scale, request.hr_upscaler, request.hr_second_pass_steps) == (
+        True, 1.5, "Lanczos", 2)
+    assert (request.hr_checkpoint, request.hr_sampler, request.hr_prompt, request.denoising_strength) == (
+        "other", "Euler", "sharp", 0.3)
+
+
+def test_upscaler_lists_come_from_the_hires_lane(client, ctx):
+    from pipelines import upscalers
+
+    names = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+    assert names[:3] == ["None", "Lanczos", "Nearest"]
+    assert [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()] == list(upscalers.LATENT_MODES)
