@@ -277,3 +277,45 @@ def test_rest_routes_list_install_and_refuse_when_exposed(tmp_path):
     assert allowed.post("/sdapi/v1/extensions/sample/disable", auth=("ann", "pw")).status_code == 200
     assert ExtensionState(tmp_path / "data").disabled() == {"sample"}
     assert local.post("/sdapi/v1/extensions/sample/uninstall").status_code == 200 and not installed.exists()
+
+
+RECORDER = '''
+calls = []
+
+
+def register(api):
+    api.on("before_generate", lambda request: calls.append(("before_generate", request.seed)))
+    api.on("on_step", lambda info: calls.append(("on_step", info.step, info.total_steps, info.seeds)))
+    api.on("model_loaded", lambda snapshot: calls.append(("model_loaded", snapshot["checkpoint"])))
+    api.on("image_saved", lambda path, infotext: calls.append(("image_saved", path.name, "Seed: 5" in infotext)))
+'''
+
+
+def test_step_save_and_load_hooks_see_what_happened(tiny_models_dir, tmp_path):
+    import importlib
+
+    from tests.integration.conftest import make_engine
+
+    write_extension(tmp_path / "exts" / "recorder", name="recorder", body=RECORDER)
+    exts = load_extensions(tmp_path / "none", tmp_path / "exts")
+    calls = importlib.import_module("easel_ext_recorder").calls
+    manager, outputs = make_engine(tiny_models_dir, tmp_path / "data")
+    result = run(manager, hooks=exts.hooks(), outputs=outputs, seed=5, save_images=True)
+    run(manager, hooks=exts.hooks(), seed=6)  # already loaded: no model_loaded this time
+    assert calls[:2] == [("before_generate", 5), ("model_loaded", "tinyA.safetensors")]
+    assert calls[2:4] == [("on_step", 1, 2, (5,)), ("on_step", 2, 2, (5,))]
+    assert calls[4] == ("image_saved", result.paths[0].name, True)
+    assert calls[5:] == [("before_generate", 6), ("on_step", 1, 2, (6,)), ("on_step", 2, 2, (6,))]
+
+
+def test_restart_button_calls_the_launchers_restart_only_when_allowed(tmp_path):
+    restarted = []
+    s = Settings(data_dir=tmp_path / "data")
+    assert "start it again" in ExtensionActions(s, ExtensionSet([]), tmp_path / "none").restart(None)  # no launcher
+    actions = ExtensionActions(s, ExtensionSet([]), tmp_path / "none", restart=lambda: restarted.append(1))
+    assert actions.restart(None).startswith("Restarting") and restarted == [1]
+    exposed = ExtensionActions(Settings(data_dir=tmp_path / "data", listen=True), ExtensionSet([]),
+                               tmp_path / "none", restart=lambda: restarted.append(2))
+    with pytest.raises(PermissionError):
+        exposed.restart(None)
+    assert restarted == [1]
