@@ -214,8 +214,10 @@ def _checkpoint_metadata(a: _Tensors, arch: Arch, output: Path, recipe: dict) ->
     metadata = {k: v for k, v in a.header.metadata.items() if k.startswith("modelspec.")}
     metadata.update({
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": a.header.metadata.get("modelspec.architecture", _MODELSPEC_ARCHITECTURE.get(arch, "")),
-        "modelspec.implementation": metadata.get("modelspec.implementation", "https://github.com/Stability-AI/generative-models"),
+        "modelspec.architecture": a.header.metadata.get("modelspec.architecture",
+                                                        _MODELSPEC_ARCHITECTURE.get(arch, "")),
+        "modelspec.implementation": metadata.get("modelspec.implementation",
+                                                 "https://github.com/Stability-AI/generative-models"),
         "modelspec.title": Path(output).stem,
         "modelspec.date": datetime.date.today().isoformat(),
         "format": "pt",

@@ -96,22 +96,23 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         with gr.Row():
             reg.add(p + "vae", gr.Dropdown(vaes, value=KEEP_A_VAE, label="VAE"))
             reg.add(p + "precision", gr.Radio(["fp16", "fp32"], value="fp16", label="Save as"))
-        reg.add(p + "loras", gr.Textbox(label="Merge LoRAs into the result (name:weight, ...)", elem_id="merger_loras"))
+        reg.add(p + "loras", gr.Textbox("", label="Merge LoRAs into the result (name:weight, ...)",
+                                        elem_id="merger_loras"))
         with gr.Row():
-            reg.add(p + "output_name", gr.Textbox(label="Output name (no folders)", elem_id="merger_name"))
+            reg.add(p + "output_name", gr.Textbox("", label="Output name (no folders)", elem_id="merger_name"))
             reg.add(p + "overwrite", gr.Checkbox(False, label="Overwrite"))
         reg.add(p + "run", gr.Button("Merge", variant="primary", elem_id="merger_run"))
-        reg.add(p + "result", gr.Textbox(label="Result", interactive=False, elem_id="merger_result"))
+        reg.add(p + "result", gr.Textbox("", label="Result", interactive=False, elem_id="merger_result"))
         with gr.Accordion("LoRA + LoRA", open=False):
-            reg.add(p + "lora_list", gr.Textbox(label="LoRAs (name:weight, ...)", elem_id="merger_lora_list"))
+            reg.add(p + "lora_list", gr.Textbox("", label="LoRAs (name:weight, ...)", elem_id="merger_lora_list"))
             with gr.Row():
                 reg.add(p + "lora_mode", gr.Radio(list(merger.LORA_MERGE_MODES), value="concat",
                                                   label="Concatenate (exact) or SVD to a rank"))
                 reg.add(p + "lora_rank", gr.Number(32, precision=0, label="SVD rank"))
                 reg.add(p + "lora_precision", gr.Radio(["fp16", "fp32"], value="fp16", label="Save as"))
-            reg.add(p + "lora_output_name", gr.Textbox(label="Output name (no folders)"))
+            reg.add(p + "lora_output_name", gr.Textbox("", label="Output name (no folders)"))
             reg.add(p + "lora_run", gr.Button("Merge LoRAs", elem_id="merger_lora_run"))
-            reg.add(p + "lora_result", gr.Textbox(label="Result", interactive=False))
+            reg.add(p + "lora_result", gr.Textbox("", label="Result", interactive=False))
 
 
 def wire(ctx: AppContext, reg: ComponentRegistry) -> None:

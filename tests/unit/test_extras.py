@@ -1,0 +1,80 @@
+"""Extras: upscale by a factor or to a size, two-upscaler blend, the source's parameters kept with
+A1111's postprocessing text, batch folders only inside the data dir."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+
+from pipelines import extras, upscalers
+from pipelines.cache import ModelCache
+from pipelines.outputs import OutputStore
+from tests.upscaler_factory import write_tiny_esrgan
+
+
+def source_image(path=None) -> Image.Image:
+    y, x = np.mgrid[0:30, 0:40]
+    image = Image.fromarray(np.stack([x * 6, y * 8, (x * y) % 256], -1).astype(np.uint8), "RGB")
+    if path is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", "a cat\nSteps: 4, Sampler: Euler, Seed: 5, Size: 40x30")
+        image.save(path, pnginfo=info)
+    return image
+
+
+@pytest.fixture
+def tool(tmp_path):
+    write_tiny_esrgan(tmp_path / "models" / "ESRGAN" / "2x-tiny.pth", scale=2)
+    return upscalers.Upscalers(tmp_path / "models", ModelCache(1 << 26), torch.device("cpu"))
+
+
+def test_single_image_keeps_parameters_and_adds_postprocessing(tmp_path, tool):
+    source = source_image(tmp_path / "in.png")
+    outputs = OutputStore(tmp_path / "outputs")
+    [image] = list(extras.open_images([tmp_path / "in.png"]))
+    result, text, path = extras.process_one(tool, outputs, image, extras.ExtrasOptions(upscaling_resize=2))
+    assert result.size == (80, 60)
+    assert result.tobytes() == source.resize((80, 60), Image.LANCZOS).tobytes()
+    assert text == "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
+    assert path.parent.parent.name == "extras-images"
+    with Image.open(path) as saved:
+        saved.load()
+        assert saved.info["parameters"].startswith("a cat\nSteps: 4")
+        assert saved.info["postprocessing"] == text
+
+
+def test_model_upscaler_blend_and_resize_to(tool):
+    image = source_image()
+    options = extras.ExtrasOptions(upscaler_1="2x-tiny", upscaler_2="Nearest", extras_upscaler_2_visibility=0.25)
+    blended, info = extras.upscale(tool, image, options)
+    first = tool.upscale(image, 80, 60, "2x-tiny")
+    second = image.resize((80, 60), Image.NEAREST)
+    assert blended.tobytes() == Image.blend(first, second, 0.25).tobytes()
+    assert info["Postprocess upscaler 2"] == "Nearest" and info["Postprocess upscaler 2 visibility"] == 0.25
+    fitted, _ = extras.upscale(tool, image, extras.ExtrasOptions(resize_mode=1, upscaling_resize_w=64,
+                                                                 upscaling_resize_h=64, upscaling_crop=True))
+    assert fitted.size == (64, 64)
+    uncropped, _ = extras.upscale(tool, image, extras.ExtrasOptions(resize_mode="to", upscaling_resize_w=64,
+                                                                    upscaling_resize_h=64, upscaling_crop=False))
+    assert uncropped.size == (85, 64)  # covers the box, aspect kept
+    with pytest.raises(ValueError, match="latent"):
+        extras.ExtrasOptions(upscaler_1="Latent")
+    with pytest.raises(ValueError, match="larger than"):
+        extras.upscale(tool, Image.new("RGB", (2000, 2000)), extras.ExtrasOptions(upscaling_resize=8))
+
+
+def test_batch_folder_must_be_inside_the_data_dir(tmp_path):
+    data = tmp_path / "data"
+    (data / "inputs").mkdir(parents=True)
+    source_image(data / "inputs" / "a.png")
+    source_image(data / "inputs" / "b.png")
+    (data / "inputs" / "notes.txt").write_text("not an image")
+    assert [p.name for p in extras.batch_folder_images("inputs", data)] == ["a.png", "b.png"]
+    assert len(extras.batch_folder_images(data / "inputs", data)) == 2
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    source_image(outside / "c.png")
+    for bad in (str(outside), "../elsewhere", "inputs/../../elsewhere", "/etc"):
+        with pytest.raises(ValueError, match="inside the data folder"):
+            extras.batch_folder_images(bad, data)
+    with pytest.raises(ValueError, match="does not exist"):
+        extras.batch_folder_images("missing", data)
