@@ -123,6 +123,19 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     return text + "…"
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int = 3) -> list[str]:
+    """Greedy word wrap into at most `max_lines` lines (the last one cut with "…")."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + [" ".join(lines[max_lines - 1:])]
+    return [_fit(draw, line, font, width) for line in lines]
+
+
 def draw_grid(images: Sequence[Image.Image], x_labels: Sequence[str], y_labels: Sequence[str],
               title: str = "") -> tuple[Image.Image, dict]:
     """Images pasted unscaled (so each cell equals its image pixel for pixel), column labels on
@@ -133,12 +146,14 @@ def draw_grid(images: Sequence[Image.Image], x_labels: Sequence[str], y_labels: 
     width, height = images[0].size
     if any(im.size != (width, height) for im in images):
         raise ValueError("all cells of a grid must have the same size")
-    font = _font()
+    font = _font(max(10, min(28, width // 20)))  # labels scale with the images, as in A1111
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = int(font.getbbox("Ag")[3]) + LABEL_PAD
     show_x, show_y = any(x_labels), any(y_labels)
     left = (min(max(int(measure.textlength(t, font=font)) for t in y_labels), 240) + 2 * LABEL_PAD) if show_y else 0
-    top = (line_h if title else 0) + (line_h if show_x else 0)
+    x_lines = [_wrap(measure, label, font, width - 4) for label in x_labels] if show_x else []
+    header = max((len(lines) for lines in x_lines), default=0) * line_h
+    top = (line_h if title else 0) + header
     grid = Image.new("RGB", (left + cols * width, top + rows * height), BACKGROUND)
     draw = ImageDraw.Draw(grid)
     if title:
@@ -149,12 +164,11 @@ def draw_grid(images: Sequence[Image.Image], x_labels: Sequence[str], y_labels: 
             box = (left + x * width, top + y * height, left + (x + 1) * width, top + (y + 1) * height)
             grid.paste(images[y * cols + x].convert("RGB"), box[:2])
             boxes[(x, y)] = box
-    if show_x:
-        for x, label in enumerate(x_labels):
-            text = _fit(draw, label, font, width - 4)
-            center = left + x * width + width / 2
-            draw.text((center - draw.textlength(text, font=font) / 2, top - line_h + LABEL_PAD // 2), text,
-                      fill=INK, font=font)
+    for x, lines in enumerate(x_lines):
+        center = left + x * width + width / 2
+        for i, text in enumerate(lines):  # bottom-aligned just above the column
+            y_pos = top - (len(lines) - i) * line_h + LABEL_PAD // 2
+            draw.text((center - draw.textlength(text, font=font) / 2, y_pos), text, fill=INK, font=font)
     if show_y:
         for y, label in enumerate(y_labels):
             text = _fit(draw, label, font, left - 2 * LABEL_PAD)
