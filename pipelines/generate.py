@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from pipelines import hires, imageops, samplers
+from pipelines import hires, imageops, refiner, samplers
 from pipelines.adapters import attach as adapters
 from pipelines.control import apply as control
 from pipelines.hooks import NO_HOOKS, GenerationHooks, StepInfo
@@ -47,7 +47,7 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
             hooks.model_loaded(manager.snapshot())
         params_common = hooks.extend_infotext(
             request, _infotext_params(manager, active, request) | control.infotext_params(manager, request)
-            | (hires.infotext_params(request) if request.enable_hr else {})
+            | (hires.infotext_params(request) if request.enable_hr else {}) | refiner.infotext_params(manager, request)
             | adapter_params)
         for batch_index in range(request.batch_count):
             if cancel.cancelled:
@@ -89,7 +89,10 @@ def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[i
         **(extra or {}))
 
     if request.task == "txt2img":
-        latents = pipe(width=request.width, height=request.height, **common).images
+        if refiner.wanted(request):
+            latents = refiner.run(manager, active, request, seeds, common, callback)
+        else:
+            latents = pipe(width=request.width, height=request.height, **common).images
         if request.enable_hr and not cancel.cancelled:
             return hires.run_second_pass(manager, active, request, latents, seeds, callback, decode_latents)
         return decode_latents(pipe.vae, latents)

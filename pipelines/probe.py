@@ -192,13 +192,20 @@ def _says_v_prediction(metadata: Mapping[str, str]) -> bool:
 
 # --- diffusers folders ------------------------------------------------------------------------
 
+def _is_refiner_index(index: dict) -> bool:
+    """An SDXL refiner pipeline folder: text_encoder_2 without text_encoder, or the refiner flag."""
+    text_encoder = index.get("text_encoder")
+    return bool(index.get("requires_aesthetics_score")) or (
+        bool(index.get("text_encoder_2")) and (not text_encoder or text_encoder == [None, None]))
+
+
 def probe_diffusers_folder(path: Path | str) -> Arch:
     """Architecture of a diffusers pipeline folder from model_index.json and unet/config.json.
 
     Raises ValueError when the folder has no readable model_index.json.
     """
     path = Path(path)
-    _read_json(path / "model_index.json")  # the marker of a pipeline folder; must be readable
+    index = _read_json(path / "model_index.json")  # the marker of a pipeline folder; must be readable
     try:
         unet = _read_json(path / "unet" / "config.json")
     except ValueError:
@@ -211,7 +218,8 @@ def probe_diffusers_folder(path: Path | str) -> Arch:
         base = _CONTEXT_DIMS[cross_dim]
     elif isinstance(cross_dim, int) and cross_dim <= 256 and in_channels == 4:
         if unet.get("addition_embed_type") == "text_time":
-            return Arch.SDXL  # a tiny SDXL layout (size-and-crop conditioning): test models
+            # a tiny SDXL layout (size-and-crop conditioning): test models; a refiner has no text_encoder
+            return Arch.SDXL_REFINER if _is_refiner_index(index) else Arch.SDXL
         # A tiny SD1-layout model: the only such models Easel knows are tiny-world ones.
         return Arch.TINYWORLD
     else:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from PIL import Image
 
-from pipelines import hires, samplers
+from pipelines import hires, refiner, samplers
 from pipelines.control.units import ControlUnit
 
 TASKS = ("txt2img", "img2img", "inpaint")
@@ -106,6 +106,7 @@ class GenerationRequest:
         if not 0 <= self.inpaint_full_res_padding <= 1024:
             yield f"masked area padding must be between 0 and 1024, got {self.inpaint_full_res_padding}"
         yield from hires.problems(self)
+        yield from refiner.problems(self)
 
     @property
     def total_images(self) -> int:

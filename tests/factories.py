@@ -256,3 +256,40 @@ def write_tiny_sdxl_checkpoint(path, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(path)
     return path
+
+
+def write_tiny_refiner_checkpoint(path, seed: int = 0) -> Path:
+    """A tiny random SDXL refiner as a diffusers folder: text_encoder_2 only, aesthetic-score
+    time ids (5 values), its UNet attending to text_encoder_2 alone. Same VAE layout and latent
+    space as write_tiny_sdxl_checkpoint, so base latents can be handed over."""
+    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    def build():
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=5 * 8 + 32,
+            cross_attention_dim=32, norm_num_groups=8)
+        vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            norm_num_groups=8, sample_size=64, scaling_factor=0.13025)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=1, hidden_size=32, intermediate_size=37,
+            num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77,
+            hidden_act="gelu", projection_dim=32))
+        return unet, vae, text_encoder_2
+
+    from pipelines.configs import load_tokenizer
+
+    unet, vae, text_encoder_2 = _seeded_build(seed, build)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        unet=unet.eval(), vae=vae.eval(), text_encoder=None, text_encoder_2=text_encoder_2.eval(),
+        tokenizer=None, tokenizer_2=load_tokenizer(pad_with_bang=True),
+        scheduler=scheduler_from_config(config_dir(Arch.SDXL_REFINER)), requires_aesthetics_score=True)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(path)
+    return path

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from pipelines import hires, samplers, upscalers
+from pipelines import hires, refiner, samplers, upscalers
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.topbar import checkpoint_choices
+
+NO_REFINER = ""
 
 
 def build(ctx: AppContext, reg: ComponentRegistry, tab: str) -> None:
@@ -35,3 +37,14 @@ def build(ctx: AppContext, reg: ComponentRegistry, tab: str) -> None:
                                                   value=hires.SAME_SAMPLER, label="Hires sampling method"))
         reg.add(p + "hr_prompt", gr.Textbox("", label="Hires prompt (empty: same)", lines=2))
         reg.add(p + "hr_negative_prompt", gr.Textbox("", label="Hires negative prompt (empty: same)", lines=2))
+    with gr.Accordion("Refiner", open=False, elem_id=f"{tab}_refiner"):
+        with gr.Row():
+            reg.add(p + "refiner_checkpoint", gr.Dropdown(
+                [NO_REFINER] + refiner_choices(ctx), value=NO_REFINER, label="Refiner checkpoint (SDXL)",
+                allow_custom_value=True, elem_id=f"{tab}_refiner_checkpoint"))
+            reg.add(p + "refiner_switch_at", gr.Slider(0.01, 1, value=0.8, step=0.01, label="Switch at",
+                                                       elem_id=f"{tab}_refiner_switch_at"))
+
+
+def refiner_choices(ctx: AppContext) -> list[str]:
+    return [e.label for e in ctx.registry.checkpoints() if e.arch in refiner.REFINER_ARCHS]

@@ -13,9 +13,10 @@ from ui.control_form import units_from_form
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale",
                  "width", "height", "seed", "batch_count", "batch_size")
 MODEL_FIELDS = ("checkpoint", "vae")
-# hires fix (A1111 API names); denoising_strength is the hires pass's here
+# hires fix + SDXL refiner (A1111 API names); denoising_strength is the hires pass's here
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
-                "hr_checkpoint", "hr_sampler", "hr_prompt", "hr_negative_prompt", "denoising_strength")
+                "hr_checkpoint", "hr_sampler", "hr_prompt", "hr_negative_prompt", "denoising_strength",
+                "refiner_checkpoint", "refiner_switch_at")
 TXT2IMG_FIELDS = COMMON_FIELDS + HIRES_FIELDS
 IMG2IMG_FIELDS = COMMON_FIELDS + (
     "mode", "init_image", "inpaint_image", "mask", "denoising_strength", "resize_mode", "mask_blur",
@@ -32,7 +33,7 @@ def txt2img_request(values: Mapping[str, Any]) -> GenerationRequest:
 def hires_values(values: Mapping[str, Any]) -> dict[str, Any]:
     """The hires / refiner fields present in `values`; absent ones keep the request defaults."""
     kinds = {"hr_scale": float, "hr_second_pass_steps": int, "hr_resize_x": int, "hr_resize_y": int,
-             "denoising_strength": float}
+             "denoising_strength": float, "refiner_switch_at": float}
     out: dict[str, Any] = {}
     for name in HIRES_FIELDS:
         if name not in values or values[name] is None:
@@ -41,7 +42,7 @@ def hires_values(values: Mapping[str, Any]) -> dict[str, Any]:
             out[name] = _number(values, name, kinds[name], 0)
         elif name == "enable_hr":
             out[name] = bool(values[name])
-        elif name in ("hr_checkpoint", "hr_sampler"):
+        elif name in ("hr_checkpoint", "hr_sampler", "refiner_checkpoint"):
             out[name] = values[name] or None
         else:
             out[name] = values[name]

@@ -40,7 +40,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         default checkpoint), vae ("Automatic", "None" or a VAE name).
         Hires fix (A1111 names): enable_hr, hr_scale, hr_upscaler ("Latent", "Lanczos", a model...),
         hr_second_pass_steps, hr_resize_x/y, hr_checkpoint, hr_sampler, hr_prompt, hr_negative_prompt,
-        denoising_strength.
+        denoising_strength; SDXL refiner: refiner_checkpoint, refiner_switch_at.
         Returns the gallery images (PNG files with A1111 infotext) and a JSON object with the
         request, the seeds, the infotexts and the saved paths.
         """

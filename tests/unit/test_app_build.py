@@ -22,7 +22,7 @@ PUBLIC_ENDPOINTS = {"/txt2img", "/img2img", "/png_info", "/merge_checkpoints", "
 TXT2IMG_PARAMETERS = ["prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width",
                       "height", "seed", "batch_count", "batch_size", "enable_hr", "hr_scale", "hr_upscaler",
                       "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint", "hr_sampler", "hr_prompt",
-                      "hr_negative_prompt", "denoising_strength",
+                      "hr_negative_prompt", "denoising_strength", "refiner_checkpoint", "refiner_switch_at",
                       "checkpoint", "vae"]
 
 
@@ -146,6 +146,8 @@ def test_form_values_become_a_validated_request():
                              "denoising_strength": 0.4})
     assert (hires.enable_hr, hires.hr_scale, hires.hr_upscaler, hires.hr_second_pass_steps) == (True, 1.5, "Lanczos", 3)
     assert (hires.hr_checkpoint, hires.denoising_strength) == (None, 0.4)
+    refined = txt2img_request({"width": 64, "height": 64, "refiner_checkpoint": "", "refiner_switch_at": 0.6})
+    assert (refined.refiner_checkpoint, refined.refiner_switch_at) == (None, 0.6)
     with pytest.raises(ValueError, match="width must be a multiple of 8 between 64 and 4096, got 100"):
         txt2img_request({"width": 100})
     with pytest.raises(ValueError, match="steps must be a whole number"):
