@@ -293,3 +293,37 @@ def write_tiny_refiner_checkpoint(path, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(path)
     return path
+
+
+def write_tiny_hypernetwork(path, seed: int = 0, widths: tuple[int, ...] = (64, 32),
+                            structure: tuple[float, ...] = (1, 2, 1), activation: str = "relu",
+                            layer_norm: bool = True, scale: float = 0.3) -> Path:
+    """An A1111-format hypernetwork .pt (width -> [k state dict, v state dict] plus the options
+    A1111 saves) for tiny-world widths: 64 = cross-attention context, 32/64 = self-attention."""
+    from collections import OrderedDict
+
+    generator = torch.Generator().manual_seed(seed)
+    data: dict = {"layer_structure": list(structure), "activation_func": activation,
+                  "is_layer_norm": layer_norm, "weight_initialization": "Normal", "use_dropout": False,
+                  "activate_output": False, "name": Path(path).stem, "step": 0}
+    for width in widths:
+        pair = []
+        for _ in range(2):
+            state = OrderedDict()
+            index = 0
+            for i in range(len(structure) - 1):
+                fan_in, fan_out = int(width * structure[i]), int(width * structure[i + 1])
+                state[f"linear.{index}.weight"] = torch.randn(fan_out, fan_in, generator=generator) * scale
+                state[f"linear.{index}.bias"] = torch.randn(fan_out, generator=generator) * scale
+                index += 1
+                if activation != "linear" and i < len(structure) - 2:
+                    index += 1
+                if layer_norm:
+                    state[f"linear.{index}.weight"] = torch.ones(fan_out)
+                    state[f"linear.{index}.bias"] = torch.zeros(fan_out)
+                    index += 1
+            pair.append(state)
+        data[width] = pair
+    path = _prepare(path)
+    torch.save(data, path)
+    return path

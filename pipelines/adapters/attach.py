@@ -2,15 +2,17 @@
 sampling apply what is scoped to the request; report what was applied for the infotext.
 
 LoRAs are selected by the manager (`pipeline(..., loras=...)`): they stay resident between
-requests. Everything entered here is undone when the block ends, also on errors and interrupts.
+requests. Embeddings and hypernetworks entered here are undone when the block ends, also on
+errors and interrupts.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from pipelines.adapters import embeddings
+from pipelines.adapters import embeddings, hypernetworks
 from pipelines.adapters.wishes import AdapterWishes, adapter_wishes, lora_hashes
+from pipelines.cache import module_bytes
 from pipelines.prompts.extra_networks import extract_extra_networks
 
 
@@ -26,9 +28,28 @@ def attach(manager, active, request, wishes: AdapterWishes) -> Iterator[dict[str
     hashes = lora_hashes(registry, active.loras, wishes.loras)
     if hashes:
         params["Lora hashes"] = hashes
+    networks = [(_hypernetwork(manager, wish.name), wish.strength) for wish in wishes.hypernets]
+    if networks:
+        entries = [registry.find("hypernetwork", wish.name) for wish in wishes.hypernets]
+        params["Hypernet"] = ", ".join(e.stem for e in entries)
+        params["Hypernet hash"] = ", ".join(registry.shorthash(e) for e in entries)
     texts = [extract_extra_networks(t or "")[0] for t in (request.prompt, request.negative_prompt)]
-    with embeddings.scoped_embeddings(active.pipe, embeddings.used_embeddings(registry, texts)) as used:
+    with embeddings.scoped_embeddings(active.pipe, embeddings.used_embeddings(registry, texts)) as used, \
+            hypernetworks.scoped_hypernetworks(active.pipe.unet, networks):
         ti = embeddings.ti_hashes(registry, used)
         if ti:
             params["TI hashes"] = ti
         yield params
+
+
+def _hypernetwork(manager, name: str) -> hypernetworks.Hypernetwork:
+    """Through the manager's RAM cache: loaded from disk once while it stays in budget."""
+    entry = manager.registry.find("hypernetwork", name)
+
+    def load():
+        manager.load_counts["hypernetwork"] += 1
+        return hypernetworks.load_hypernetwork(entry.path, entry.stem)
+
+    key = ("hypernetwork", str(entry.path), entry.mtime, entry.size)
+    return manager.cache.get_or_load(key, load, size_of=lambda h: sum(
+        module_bytes(m) for pair in h.layers.values() for m in pair))

@@ -1,0 +1,75 @@
+"""A1111 hypernetworks via `<hypernet:name:w>`: they change the image by their strength, act only
+for their request (the UNet's attention processors come back), and load through the RAM cache."""
+import numpy as np
+import pytest
+
+from pipelines.adapters.hypernetworks import load_hypernetwork
+from pipelines.generate import generate
+from pipelines.request import GenerationRequest
+from tests import factories
+from tests.integration.conftest import make_engine
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hn-models")
+    factories.write_tiny_checkpoint(root / "models" / "Stable-diffusion" / "tiny.safetensors", seed=0)
+    factories.write_tiny_hypernetwork(root / "models" / "hypernetworks" / "inkwash.pt", seed=1)
+    (root / "embeddings").mkdir()
+    manager, _ = make_engine(root, tmp_path_factory.mktemp("data"))
+    return manager, root
+
+
+def _run(manager, prompt):
+    request = GenerationRequest(prompt=prompt, checkpoint="tiny.safetensors", width=64, height=64, steps=2,
+                                seed=9, save_images=False)
+    result = generate(manager, None, request)
+    return np.asarray(result.images[0]).astype(int), result.infotexts[0]
+
+
+def test_hypernetwork_applies_by_strength_for_its_request_only(engine):
+    manager, _ = engine
+    base, _ = _run(manager, "a red square")
+    with manager.pipeline("txt2img", "tiny.safetensors") as active:
+        processors = dict(active.pipe.unet.attn_processors)
+    full, text = _run(manager, "a red square<hypernet:inkwash:1>")
+    half, _ = _run(manager, "a red square<hypernet:inkwash:0.4>")
+    zero, _ = _run(manager, "a red square<hypernet:inkwash:0>")
+    # strength 0 is the plain model (same prompt text, so the same conditioning)
+    assert np.abs(full - zero).max() > 8
+    assert np.abs(half - zero).max() > 2 and np.abs(full - half).max() > 2
+    assert "Hypernet: inkwash" in text
+    after, _ = _run(manager, "a red square")
+    assert np.array_equal(after, base)
+    with manager.pipeline("txt2img", "tiny.safetensors") as active:
+        assert dict(active.pipe.unet.attn_processors) == processors
+    assert manager.load_counts["hypernetwork"] == 1  # cached after the first use
+
+
+def test_hypernetwork_file_layout(engine):
+    _, root = engine
+    network = load_hypernetwork(root / "models" / "hypernetworks" / "inkwash.pt")
+    assert sorted(network.layers) == [32, 64]
+    k, v = network.layers[64]
+    assert [type(m).__name__ for m in k.linear] == ["Linear", "ReLU", "LayerNorm", "Linear", "LayerNorm"]
+
+
+def test_processor_without_networks_matches_diffusers_attention(engine):
+    import torch
+
+    from pipelines.adapters.hypernetworks import HypernetworkAttnProcessor
+
+    manager, _ = engine
+    with manager.pipeline("txt2img", "tiny.safetensors") as active:
+        unet = active.pipe.unet
+        sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        context = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = unet(sample, 10, encoder_hidden_states=context).sample
+            original = unet.attn_processors
+            unet.set_attn_processor(HypernetworkAttnProcessor([]))
+            try:
+                ours = unet(sample, 10, encoder_hidden_states=context).sample
+            finally:
+                unet.set_attn_processor(original)
+    assert torch.equal(ours, expected)
