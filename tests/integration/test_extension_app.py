@@ -8,6 +8,8 @@ import requests
 
 import app
 from pipelines.settings import Settings
+from pipelines.request import GenerationRequest
+from tests import factories
 from tests.extension_repos import write_extension
 
 APP_STARTED = '''
@@ -32,7 +34,8 @@ def free_port() -> int:
 def served(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("ext-app")
     user = data_dir / "extensions"
-    write_extension(user / "sample", name="sample")
+    write_extension(user / "sample", name="sample")  # seed + 1, red border
+    factories.write_tiny_checkpoint(data_dir / "models" / "Stable-diffusion" / "tiny.safetensors", seed=0)
     write_extension(user / "starter", name="starter", body=APP_STARTED)
     write_extension(user / "broken", name="broken", body="raise RuntimeError('broken at import')\n")
     (data_dir / "config.json").write_text('{"extensions": {"starter": {"greeting": "bonjour"}}}')
@@ -45,6 +48,7 @@ def served(tmp_path_factory):
         yield blocks, ctx, f"http://127.0.0.1:{port}"
     finally:
         blocks.close()
+        ctx.jobs.stop()
 
 
 def test_extension_ui_is_built_and_broken_ones_are_listed(served):
@@ -84,3 +88,15 @@ def test_exposed_server_disables_the_buttons_and_says_why(tmp_path):
     assert by_id["extensions_install"]["props"]["interactive"] is False
     assert by_id["extensions_uninstall"]["props"]["interactive"] is False
     assert "--enable-insecure-extension-access" in by_id["extensions_access"]["props"]["value"]
+
+
+def test_the_apps_job_queue_runs_the_extension_hooks(served):
+    import numpy as np
+
+    _blocks, ctx, _url = served
+    request = GenerationRequest(prompt="a boat", width=64, height=64, steps=1, seed=10, save_images=False,
+                                checkpoint="tiny.safetensors")
+    result = ctx.jobs.submit(request, "test").result(timeout=300)
+    assert result.seeds == [11] and "Sample ext: 1.0" in result.infotexts[0]
+    pixels = np.asarray(result.images[0])
+    assert (pixels[0] == (255, 0, 0)).all() and (pixels[:, -1] == (255, 0, 0)).all()

@@ -112,3 +112,23 @@ def test_the_txt2img_accordion_handler_saves_a_grid_with_infotext(tmp_path):
         assert len(list((tmp_path / "outputs" / "txt2img-images").rglob("*.png"))) == 2
     finally:
         ctx.jobs.stop()
+
+
+@pytest.mark.slow
+def test_lora_weight_axis_cells_equal_single_generations_with_that_weight(xyz, tmp_path):
+    from tests.integration.conftest import make_engine
+
+    axes, plot = xyz
+    root = tmp_path / "models-root"
+    factories.write_tiny_checkpoint(root / "models" / "Stable-diffusion" / "tiny.safetensors", seed=0)
+    factories.write_tiny_lora(root / "models" / "Lora" / "style.safetensors", seed=3)
+    (root / "embeddings").mkdir()
+    manager, _ = make_engine(root, tmp_path / "data")
+    base = GenerationRequest(**{**BASE, "checkpoint": "tiny.safetensors", "prompt": "a cat <lora:style:1>"})
+    result = plot.run_plot(base, [axes.make_axis("LoRA weight", "0, 1", base)], lambda r: generate(manager, None, r))
+    grid = result.grids[0]
+    cells = [np.asarray(grid.image.crop(grid.boxes[(x, 0)])) for x in range(2)]
+    for x, weight in enumerate(["0", "1"]):
+        single = generate(manager, None, base.with_changes(prompt=f"a cat <lora:style:{weight}>")).images[0]
+        assert np.array_equal(cells[x], np.asarray(single))
+    assert np.abs(cells[0].astype(int) - cells[1].astype(int)).max() > 8  # the LoRA weight mattered
