@@ -64,3 +64,58 @@ def write_controlnet(path: Path, controlnet, layout: str = "ldm") -> Path:
         k: v.contiguous() for k, v in controlnet.state_dict().items()}
     save_file(state, str(path))
     return path
+
+
+def write_tiny_image_encoder(folder: Path, seed: int = 0) -> Path:
+    """A tiny CLIP vision encoder with projection (32 px, 32-dim embeddings) as a diffusers
+    image_encoder folder."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModelWithProjection(config).eval()
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def tiny_ip_adapter_state(unet, embed_dim: int = 32, seed: int = 0, std: float = 0.2) -> dict[str, torch.Tensor]:
+    """An h94-layout IP-Adapter (`image_proj.*`, `ip_adapter.N.to_k_ip/to_v_ip`) for `unet`:
+    N counts 1, 3, 5, ... over the cross-attention processors, as diffusers reads it."""
+    generator = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    channels = list(unet.config.block_out_channels)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator) * std
+
+    state = {"image_proj.proj.weight": rand(cross * 4, embed_dim), "image_proj.proj.bias": torch.zeros(cross * 4),
+             "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(channels))[int(name.split(".")[1])]
+        else:
+            hidden = channels[int(name.split(".")[1])]
+        state[f"ip_adapter.{key_id}.to_k_ip.weight"] = rand(hidden, cross)
+        state[f"ip_adapter.{key_id}.to_v_ip.weight"] = rand(hidden, cross)
+        key_id += 2
+    return state
+
+
+def write_tiny_ip_adapter(models_dir: Path, unet, name: str = "ip-adapter_tiny.safetensors", seed: int = 0) -> Path:
+    """models/ipadapter/<name> and models/ipadapter/image_encoder/."""
+    from safetensors.torch import save_file
+
+    folder = Path(models_dir) / "ipadapter"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "image_encoder" / "config.json").is_file():
+        write_tiny_image_encoder(folder / "image_encoder", seed=seed)
+    path = folder / name
+    save_file({k: v.contiguous() for k, v in tiny_ip_adapter_state(unet, seed=seed).items()}, str(path))
+    return path

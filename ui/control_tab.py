@@ -13,7 +13,8 @@ import gradio as gr
 
 from pipelines.control import CONTROL_MODES, RESIZE_MODES, preprocessors
 from pipelines.control.apply import pixel_perfect_resolution
-from pipelines.control.models import family_of_arch, family_of_entry
+from pipelines.control.ip_adapter import ip_adapter_entry, ip_adapter_files
+from pipelines.control.models import family_of_arch, family_of_entry, model_kind
 from pipelines.control.units import NO_MODEL, units_from_infotext
 from ui.components import ComponentRegistry
 from ui.context import AppContext
@@ -62,8 +63,13 @@ def model_choices(ctx: AppContext, checkpoint: str | None) -> list[str]:
     except ValueError:
         pass
     names = []
-    for entry in ctx.registry.controlnets():
+    entries = list(ctx.registry.controlnets())
+    models_dir = ctx.registry.paths.models_dir
+    entries += [e for e in (ip_adapter_entry(models_dir, n) for n in ip_adapter_files(models_dir)) if e]
+    for entry in entries:
         try:
+            if model_kind(entry) == "image_encoder":
+                continue
             family = family_of_entry(entry)
         except (OSError, ValueError):
             continue

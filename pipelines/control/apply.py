@@ -19,14 +19,14 @@ Weight and guidance start/end go through the diffusers pipeline's own per-net
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
 
 from pipelines import imageops
-from pipelines.control import models, preprocessors
+from pipelines.control import ip_adapter, models, preprocessors
 from pipelines.control.units import CONTROL_MODES, ControlUnit
 
 SOFT_INJECTION_BASE = 0.825
@@ -130,46 +130,115 @@ def active_units(request) -> list[tuple[int, ControlUnit]]:
     return [(i, u) for i, u in enumerate(getattr(request, "control_units", ()) or ()) if u.active]
 
 
+@dataclass(frozen=True)
+class _Resolved:
+    index: int
+    unit: ControlUnit
+    entry: Any
+    kind: str  # "controlnet" | "ip_adapter"
+
+
+def resolve_entry(registry, name: str):
+    """A models/ControlNet entry, else an IP-Adapter in models/ipadapter."""
+    try:
+        return registry.find("controlnet", name)
+    except ValueError:
+        entry = ip_adapter.ip_adapter_entry(registry.paths.models_dir, name)
+        if entry is None:
+            raise
+        return entry
+
+
+def _resolve(manager, active, request) -> list[_Resolved]:
+    resolved = []
+    for index, unit in active_units(request):
+        entry = resolve_entry(manager.registry, unit.model)
+        kind = models.model_kind(entry)
+        if kind == "image_encoder":
+            raise ValueError(f"{entry.name} is a CLIP image encoder, used by IP-Adapters by itself; "
+                             "pick a ControlNet or an IP-Adapter as the unit's model")
+        if kind == "t2i_adapter":
+            raise ValueError(f"{entry.name} is a T2I-Adapter, which this version cannot run yet "
+                             "(diffusers' SD1 adapter pipeline has no step callbacks for progress and "
+                             "interrupt); use a ControlNet of the same kind")
+        models.check_compatible(entry, models.family_of_entry(entry), active.arch, active.checkpoint.name)
+        if kind == "ip_adapter" and (unit.guidance_start, unit.guidance_end, unit.control_mode) != (0, 1, CONTROL_MODES[0]):
+            raise ValueError(f"ControlNet unit {index} ({entry.name}): IP-Adapter units run over all steps in "
+                             "Balanced mode; set starting step 0, ending step 1 and control mode Balanced")
+        resolved.append(_Resolved(index, unit, entry, kind))
+    return resolved
+
+
+def _cached(manager, keys: list, key: tuple, load, size_of=None):
+    value = manager.cache.get_or_load(key, load, **({"size_of": size_of} if size_of else {}))
+    manager.cache.lock(key)
+    keys.append(key)
+    return value
+
+
+def _state_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for part in state.values() for t in part.values())
+
+
 @contextmanager
 def attach(manager, active, request) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """Yield (active pipeline with the ControlNets joined, extra pipeline call arguments).
+    """Yield (active pipeline with the units' models joined, extra pipeline call arguments).
     With no active unit: the active pipeline unchanged and no arguments."""
-    units = active_units(request)
-    if not units:
+    resolved = _resolve(manager, active, request)
+    if not resolved:
         yield active, {}
         return
-    entries = []
-    for index, unit in units:
-        entry = manager.registry.find("controlnet", unit.model)
-        models.check_compatible(entry, models.family_of_entry(entry), active.arch, active.checkpoint.name)
-        entries.append(entry)
-    # Preprocess before loading anything: a bad image or a missing annotator fails fast.
     models_dir = manager.registry.paths.models_dir
-    images = [control_image(unit, unit_source(unit, index, request), request.width, request.height, models_dir)
-              for index, unit in units]
-    keys, nets = [], []
+    controlnets = [r for r in resolved if r.kind == "controlnet"]
+    adapters = [r for r in resolved if r.kind == "ip_adapter"]
+    # Preprocess before loading anything: a bad image or a missing annotator fails fast.
+    images = [control_image(r.unit, unit_source(r.unit, r.index, request), request.width, request.height, models_dir)
+              for r in controlnets]
+    prompts = [unit_source(r.unit, r.index, request).convert("RGB") for r in adapters]
+    encoder_dir = ip_adapter.find_image_encoder(models_dir, adapters[0].entry.path) if adapters else None
+    keys: list = []
     try:
-        for entry in entries:
-            key = ("controlnet", str(entry.path), entry.mtime, entry.size)
-            net = manager.cache.get_or_load(key, lambda entry=entry: _load_counted(manager, entry))
-            manager.cache.lock(key)
-            keys.append(key)
-            models.check_compatible(entry, models.loaded_family(net), active.arch, active.checkpoint.name)
-            if manager.device.type != "cpu":
-                net.to(manager.device)
-            nets.append(net)
-        multi = make_unit_controlnets(nets, [u.control_mode for _, u in units], request.cfg_scale > 1)
-        cls = control_pipeline_class(active.arch.is_sdxl, request.task)
-        pipe = cls.from_pipe(active.pipe, controlnet=multi, torch_dtype=manager.dtype)
-        image_key = "image" if request.task == "txt2img" else "control_image"
-        kwargs = {image_key: images,
-                  "controlnet_conditioning_scale": [float(u.weight) for _, u in units],
-                  "control_guidance_start": [float(u.guidance_start) for _, u in units],
-                  "control_guidance_end": [float(u.guidance_end) for _, u in units]}
-        yield replace(active, pipe=pipe), kwargs
+        overrides: dict[str, Any] = {}
+        states = []
+        if adapters:
+            encoder = _cached(manager, keys, ("image_encoder", str(encoder_dir)),
+                              lambda: ip_adapter.load_image_encoder(encoder_dir, manager.dtype))
+            overrides = dict(image_encoder=_on_device(manager, encoder),
+                             feature_extractor=ip_adapter.feature_extractor_for(encoder))
+            states = [_cached(manager, keys, ("ip_adapter", str(r.entry.path), r.entry.mtime, r.entry.size),
+                              lambda r=r: ip_adapter.read_ip_adapter(r.entry), size_of=_state_bytes)
+                      for r in adapters]
+        kwargs: dict[str, Any] = {}
+        if controlnets:
+            nets = []
+            for r in controlnets:
+                key = ("controlnet", str(r.entry.path), r.entry.mtime, r.entry.size)
+                net = _cached(manager, keys, key, lambda entry=r.entry: _load_counted(manager, entry))
+                models.check_compatible(r.entry, models.loaded_family(net), active.arch, active.checkpoint.name)
+                nets.append(_on_device(manager, net))
+            multi = make_unit_controlnets(nets, [r.unit.control_mode for r in controlnets], request.cfg_scale > 1)
+            cls = control_pipeline_class(active.arch.is_sdxl, request.task)
+            pipe = cls.from_pipe(active.pipe, controlnet=multi, torch_dtype=manager.dtype, **overrides)
+            kwargs = {"image" if request.task == "txt2img" else "control_image": images,
+                      "controlnet_conditioning_scale": [float(r.unit.weight) for r in controlnets],
+                      "control_guidance_start": [float(r.unit.guidance_start) for r in controlnets],
+                      "control_guidance_end": [float(r.unit.guidance_end) for r in controlnets]}
+        else:
+            pipe = type(active.pipe).from_pipe(active.pipe, torch_dtype=manager.dtype, **overrides)
+        if not adapters:
+            yield replace(active, pipe=pipe), kwargs
+            return
+        with ip_adapter.loaded_into(pipe, states, [float(r.unit.weight) for r in adapters]):
+            yield replace(active, pipe=pipe), kwargs | {"ip_adapter_image": prompts}
     finally:
         for key in keys:
             manager.cache.unlock(key)
+
+
+def _on_device(manager, module):
+    if manager.device.type != "cpu":
+        module.to(manager.device)
+    return module
 
 
 def _load_counted(manager, entry):
@@ -183,7 +252,7 @@ def infotext_params(manager, request) -> dict[str, str]:
     for index, unit in active_units(request):
         title = unit.model
         try:
-            entry = manager.registry.find("controlnet", unit.model)
+            entry = resolve_entry(manager.registry, unit.model)
             title = f"{entry.stem} [{manager.registry.sha256(entry)[:8]}]"
         except (ValueError, OSError):
             pass

@@ -32,13 +32,44 @@ def family_label(family: str | None) -> str:
 
 
 def family_of_entry(entry: ModelEntry) -> str | None:
-    """From the registry's probe (SD1/SD2/SDXL) or, for tiny models, the header's widths."""
+    """From the registry's probe (SD1/SD2/SDXL) or the header's cross-attention widths (tiny
+    models, IP-Adapters); None when it cannot be told without loading the file."""
     family = family_of_arch(entry.arch)
     if family is not None or entry.format != "safetensors":
         return family
+    from pipelines.control import ip_adapter
+
+    shapes = _header_shapes(entry.path)
+    return family_of_state_shapes(shapes) or ip_adapter.family_of_shapes(shapes)
+
+
+def model_kind(entry: ModelEntry) -> str:
+    """"controlnet" | "ip_adapter" | "t2i_adapter" | "image_encoder", from names only."""
+    if entry.format == "diffusers":
+        import json
+
+        try:
+            config = json.loads((entry.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "controlnet"
+        name = str(config.get("_class_name", "")) + " ".join(config.get("architectures") or [])
+        return "t2i_adapter" if "Adapter" in name else "image_encoder" if "CLIPVision" in name else "controlnet"
+    if entry.format != "safetensors":
+        return "controlnet"
+    from pipelines.control import ip_adapter
+
+    keys = list(_header_shapes(entry.path))
+    if ip_adapter.is_ip_adapter_keys(keys):
+        return "ip_adapter"
+    if any(k.startswith(("adapter.", "body.0.")) for k in keys):
+        return "t2i_adapter"
+    return "controlnet"
+
+
+def _header_shapes(path: Path) -> dict[str, Any]:
     from pipelines import probe
 
-    return family_of_state_shapes({k: v.shape for k, v in probe.read_safetensors_header(entry.path).tensors.items()})
+    return {k: v.shape for k, v in probe.read_safetensors_header(path).tensors.items()}
 
 
 def family_of_state_shapes(shapes: Mapping[str, Any]) -> str | None:

@@ -9,8 +9,9 @@ import app
 from pipelines.metadata import parse_infotext
 from pipelines.settings import Settings
 from tests import factories
-from tests.control_factories import tiny_controlnet, write_controlnet
+from tests.control_factories import tiny_controlnet, write_controlnet, write_tiny_ip_adapter
 from tests.e2e.conftest import free_port
+from ui import control_tab
 from ui.control_form import form_from_units
 from pipelines.control import units_from_infotext
 
@@ -29,6 +30,7 @@ def served(tmp_path_factory):
     factories.write_tiny_checkpoint(data_dir / "models" / "Stable-diffusion" / "tiny.safetensors", seed=0)
     write_controlnet(data_dir / "models" / "ControlNet" / "control_tiny_canny.safetensors",
                      tiny_controlnet(factories.tiny_unet(seed=0), seed=4))
+    write_tiny_ip_adapter(data_dir / "models", factories.tiny_unet(seed=0))
     drawn = Image.new("RGB", (64, 64))
     ImageDraw.Draw(drawn).ellipse((12, 12, 51, 51), fill="white")
     drawn.save(data_dir / "control.png")
@@ -84,3 +86,16 @@ def test_a_unit_without_image_in_txt2img_is_a_short_error(served):
     client, data_dir, _ctx = served
     with pytest.raises(Exception, match="has no input image"):
         generate(client, **unit(data_dir, cn0_image=None))
+
+
+def test_ip_adapter_unit_through_the_ui(served):
+    from gradio_client import handle_file
+
+    client, data_dir, ctx = served
+    choices = control_tab.model_choices(ctx, "tiny.safetensors")
+    assert "ip-adapter_tiny.safetensors" in choices and not any("image_encoder" in c for c in choices)
+    off, _ = generate(client)
+    on, infotext = generate(client, cn1_enabled=True, cn1_model="ip-adapter_tiny.safetensors",
+                            cn1_image=handle_file(data_dir / "control.png"))
+    assert np.abs(on - off).mean() > 1
+    assert 'ControlNet 0: "Module: none, Model: ip-adapter_tiny [' in infotext

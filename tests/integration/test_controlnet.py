@@ -11,7 +11,7 @@ from pipelines.control import ControlUnit
 from pipelines.generate import generate
 from pipelines.request import GenerationRequest
 from pipelines.settings import BUILTIN_MODELS_DIR
-from tests.control_factories import tiny_controlnet, write_controlnet
+from tests.control_factories import tiny_controlnet, write_controlnet, write_tiny_ip_adapter
 from tests.integration.conftest import make_engine
 
 
@@ -28,6 +28,7 @@ def control_engine(tmp_path_factory):
     # An SDXL ControlNet as the registry sees it: cross-attention 2048 wide (header is enough).
     save_file({"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(4, 2048)},
               str(folder / "diffusers_xl_canny_mid.safetensors"))
+    write_tiny_ip_adapter(root / "models", unet)
     manager.registry.refresh()
     return manager
 
@@ -131,3 +132,34 @@ def test_missing_image_and_unknown_model_are_clear(control_engine):
         run(control_engine, UNIT.with_changes(image=None))
     with pytest.raises(ValueError):
         run(control_engine, UNIT.with_changes(model="no_such_controlnet"))
+
+
+# --- IP-Adapter ------------------------------------------------------------------------------
+
+IP_UNIT = ControlUnit(model="ip-adapter_tiny", image=square())
+
+
+def test_ip_adapter_changes_the_image_and_leaves_the_unet_as_it_was(control_engine, baseline):
+    on, infotext = run(control_engine, IP_UNIT)
+    assert distance(on, baseline) > 1
+    assert 'ControlNet 0: "Module: none, Model: ip-adapter_tiny [' in infotext
+    zero, _ = run(control_engine, IP_UNIT.with_changes(weight=0))
+    assert np.array_equal(zero, baseline)  # scale 0: the image branch adds exact zeros
+    assert np.array_equal(run(control_engine)[0], baseline)  # processors and encoder_hid_proj restored
+
+
+def test_ip_adapter_combines_with_a_controlnet(control_engine, full):
+    both, infotext = run(control_engine, UNIT, IP_UNIT)
+    assert distance(both, full[0]) > 1 and "ControlNet 1" in infotext
+
+
+def test_ip_adapter_refuses_a_guidance_range(control_engine):
+    with pytest.raises(ValueError, match="IP-Adapter units run over all steps"):
+        run(control_engine, IP_UNIT.with_changes(guidance_end=0.5))
+
+
+def test_ip_adapter_without_image_encoder_says_where_to_put_it(tmp_path):
+    from pipelines.control.ip_adapter import find_image_encoder
+
+    with pytest.raises(ValueError, match=r"ipadapter/image_encoder"):
+        find_image_encoder(tmp_path / "models")
