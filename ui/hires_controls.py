@@ -48,3 +48,55 @@ def build(ctx: AppContext, reg: ComponentRegistry, tab: str) -> None:
 
 def refiner_choices(ctx: AppContext) -> list[str]:
     return [e.label for e in ctx.registry.checkpoints() if e.arch in refiner.REFINER_ARCHS]
+
+
+# infotext -> form: A1111 keys of the hires and refiner fields
+PASTE_FIELDS = ("enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_second_pass_steps", "hr_upscaler",
+                "denoising_strength", "hr_checkpoint", "hr_sampler", "hr_prompt", "hr_negative_prompt",
+                "refiner_checkpoint", "refiner_switch_at")
+
+
+def fields_from_infotext(parsed: dict) -> dict:
+    """Parsed infotext -> hires/refiner form values. Hires is on when the infotext names a hires
+    upscaler, scale or size; keys that are missing or unreadable are left out."""
+    def number(key, kind):
+        try:
+            return kind(float(parsed[key]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    values: dict = {}
+    hires_on = any(k in parsed for k in ("Hires upscale", "Hires upscaler")) or bool(number("Hires resize-1", int))
+    values["enable_hr"] = hires_on
+    if hires_on:
+        for field, key, kind in (("hr_scale", "Hires upscale", float), ("hr_resize_x", "Hires resize-1", int),
+                                 ("hr_resize_y", "Hires resize-2", int), ("hr_second_pass_steps", "Hires steps", int),
+                                 ("denoising_strength", "Denoising strength", float)):
+            value = number(key, kind)
+            if value is not None:
+                values[field] = value
+        for field, key in (("hr_upscaler", "Hires upscaler"), ("hr_checkpoint", "Hires checkpoint"),
+                           ("hr_sampler", "Hires sampler"), ("hr_prompt", "Hires prompt"),
+                           ("hr_negative_prompt", "Hires negative prompt")):
+            if isinstance(parsed.get(key), str):
+                values[field] = parsed[key]
+    values["refiner_checkpoint"] = parsed.get("Refiner") or NO_REFINER
+    switch = number("Refiner switch at", float)
+    if switch is not None:
+        values["refiner_switch_at"] = switch
+    return values
+
+
+def wire_paste(reg: ComponentRegistry, tab: str = "txt2img") -> None:
+    """PNG Info's "Send to txt2img" also fills the hires and refiner fields (a second listener,
+    beside the one in ui/transfers.py that fills the common fields)."""
+    if "png_info.send_to_txt2img" not in reg:
+        return
+
+    def paste(parsed):
+        values = fields_from_infotext(parsed) if isinstance(parsed, dict) and parsed else {}
+        return [values.get(field, gr.skip()) for field in PASTE_FIELDS]
+
+    reg["png_info.send_to_txt2img"].click(paste, inputs=[reg["png_info.parsed"]],
+                                          outputs=[reg[f"{tab}.{f}"] for f in PASTE_FIELDS],
+                                          api_visibility="private", queue=False)

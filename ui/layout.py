@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ui import (control_tab, extensions_tab, extras_tab, img2img, merger_tab, png_info, queue_panel, settings_tab,
-                topbar, transfers, txt2img)
+from ui import (control_tab, extensions_tab, extras_tab, hires_controls, img2img, merger_tab, png_info,
+                queue_panel, settings_tab, topbar, transfers, txt2img)
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.extension_slots import extension_tabs
@@ -38,6 +38,7 @@ def build_ui(ctx: AppContext) -> tuple[gr.Blocks, ComponentRegistry]:
         topbar.wire(ctx, reg)
         merger_tab.wire(ctx, reg)
         transfers.build(ctx, reg)
+        hires_controls.wire_paste(reg)
         control_tab.wire_paste(ctx, reg)
     # One device: generation events share the "device" concurrency group; the job queue
     # underneath orders them fairly between users and runs one at a time.

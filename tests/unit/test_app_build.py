@@ -370,3 +370,17 @@ def test_importing_app_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(app.__file__).parent, capture_output=True,
                          text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_hires_and_refiner_fields_come_back_from_an_infotext():
+    from ui.hires_controls import fields_from_infotext
+
+    parsed = parse_infotext("a cat\nSteps: 4, Sampler: Euler, Seed: 5, Size: 64x64, Denoising strength: 0.5, "
+                            "Hires upscale: 2, Hires steps: 3, Hires upscaler: Latent (nearest), "
+                            "Refiner: base [abc], Refiner switch at: 0.6")
+    values = fields_from_infotext(parsed)
+    assert values["enable_hr"] and values["hr_scale"] == 2.0 and values["hr_second_pass_steps"] == 3
+    assert (values["hr_upscaler"], values["denoising_strength"]) == ("Latent (nearest)", 0.5)
+    assert (values["refiner_checkpoint"], values["refiner_switch_at"]) == ("base [abc]", 0.6)
+    plain = fields_from_infotext(parse_infotext("a cat\nSteps: 4, Sampler: Euler, Seed: 5, Size: 64x64"))
+    assert plain == {"enable_hr": False, "refiner_checkpoint": ""}
