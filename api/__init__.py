@@ -15,6 +15,7 @@ def mount(app: Any, ctx: Any, verify: Optional[Callable[[str, str], bool]]) -> N
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.openapi.utils import get_openapi
 
+    from api import controlnet, mapping, scripts
     from api.options import ApiOptions
     from api.routes import build_router, checkpoint_loader
 
@@ -22,13 +23,17 @@ def mount(app: Any, ctx: Any, verify: Optional[Callable[[str, str], bool]]) -> N
     options = ApiOptions(ctx.registry, ctx.settings.config_file, checkpoint_loader(ctx.manager))
     router = build_router(ctx, options, authenticate)
     app.include_router(router)
+    routers = [router]
+    if scripts.controlnet_available(mapping.request_fields()):
+        routers.append(controlnet.build_router(ctx, authenticate))
+        app.include_router(routers[-1])
     schema = {}
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authenticate)])
     def openapi() -> dict:
         if not schema:
             schema.update(get_openapi(title="Easel A1111-compatible API", version="1.0",
-                                      routes=router.routes))
+                                      routes=[route for r in routers for route in r.routes]))
         return schema
 
     @app.get("/docs", include_in_schema=False, dependencies=[Depends(authenticate)])

@@ -32,7 +32,7 @@ def request_fields() -> set[str]:
     return {f.name for f in fields(GenerationRequest)}
 
 
-def _common(payload: _Processing, options: ApiOptions) -> dict[str, Any]:
+def _common(payload: _Processing, options: ApiOptions, limits: ImageLimits) -> dict[str, Any]:
     overrides = payload.override_settings or {}
     resolved = options.resolve(overrides)  # validates checkpoint/VAE/clip skip names
     checkpoint = resolved.get(CHECKPOINT) or options.checkpoint().name
@@ -59,14 +59,15 @@ def _common(payload: _Processing, options: ApiOptions) -> dict[str, Any]:
         value = getattr(payload, api_name, None)
         if field_name in known and value is not None:
             values[field_name] = value
-    # Integration point for the control lane: ControlNet units from alwayson_scripts.
+    # ControlNet units from alwayson_scripts (the control lane's ControlUnit.from_a1111).
     from api import scripts
-    values.update(scripts.request_values(payload.alwayson_scripts, known))
+    values.update(scripts.request_values(payload.alwayson_scripts, known, limits))
     return values
 
 
-def txt2img_request(payload: Txt2ImgRequest, options: ApiOptions) -> GenerationRequest:
-    values = _common(payload, options)
+def txt2img_request(payload: Txt2ImgRequest, options: ApiOptions,
+                    limits: ImageLimits = ImageLimits()) -> GenerationRequest:
+    values = _common(payload, options, limits)
     if payload.denoising_strength is not None:  # the hires fix's second pass
         values["denoising_strength"] = payload.denoising_strength
     return GenerationRequest(task="txt2img", **values)
@@ -95,7 +96,7 @@ def img2img_request(payload: Img2ImgRequest, options: ApiOptions,
         inpaint_full_res=bool(payload.inpaint_full_res),
         inpaint_full_res_padding=payload.inpaint_full_res_padding,
         inpainting_mask_invert=bool(payload.inpainting_mask_invert),
-        **_common(payload, options))
+        **_common(payload, options, limits))
 
 
 def echo_parameters(payload: _Processing) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
 
     @router.post("/txt2img", response_model=ImageResponse)
     def txt2img(payload: Txt2ImgRequest, user: Optional[str] = Depends(authenticate)):
-        request = mapping.txt2img_request(payload, options)
+        request = mapping.txt2img_request(payload, options, limits)
         result = run(request, user)
         keep_overrides(payload)
         return mapping.response(payload, request, result)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Collection, Mapping
 
+from api.images import ImageLimits, decode_image
+
 CONTROLNET = "controlnet"
 
 
@@ -36,7 +38,8 @@ def script_info(request_fields: Collection[str]) -> list[dict[str, Any]]:
             for is_img2img in (False, True)]
 
 
-def request_values(alwayson_scripts: Mapping[str, Any] | None, request_fields: Collection[str]) -> dict[str, Any]:
+def request_values(alwayson_scripts: Mapping[str, Any] | None, request_fields: Collection[str],
+                   limits: ImageLimits = ImageLimits()) -> dict[str, Any]:
     """GenerationRequest fields from `alwayson_scripts` (titles match case-insensitively).
     An empty ControlNet entry (webuiapi always sends one) is fine; a script Easel does not
     have is a ValueError, as in A1111."""
@@ -52,7 +55,21 @@ def request_values(alwayson_scripts: Mapping[str, Any] | None, request_fields: C
             if not controlnet_available(request_fields):
                 raise ValueError("ControlNet units were sent, but this Easel build has no ControlNet support yet")
             from pipelines.control import ControlUnit
-            values["control_units"] = tuple(ControlUnit.from_a1111(unit) for unit in units)
+            values["control_units"] = tuple(ControlUnit.from_a1111(with_decoded_image(unit, index, limits))
+                                            for index, unit in enumerate(units))
         else:
             raise ValueError(f"script '{title}' is not available in Easel; GET /sdapi/v1/scripts lists those that are")
     return values
+
+
+def with_decoded_image(unit: Mapping[str, Any], index: int, limits: ImageLimits) -> dict[str, Any]:
+    """The unit with its image decoded here (base64 only, size limits), whichever shape the
+    client used: a string, `{"image", "mask"}`, `[image, mask]` or the legacy `input_image`."""
+    unit = dict(unit)
+    image = unit.pop("input_image", None) if "image" not in unit else unit.get("image")
+    if isinstance(image, list):
+        image = image[0] if image else None
+    if isinstance(image, Mapping):
+        image = image.get("image")
+    unit["image"] = decode_image(image, f"ControlNet unit {index} image", limits) if image else None
+    return unit

@@ -217,3 +217,48 @@ def test_bad_request_is_422_with_a_specific_message(server):
     response = requests.post(api_url(server, "img2img"), auth=API_AUTH, timeout=30,
                              json={**BASE, "init_images": ["/etc/passwd"]})
     assert response.status_code == 422 and "file paths are not accepted" in response.json()["detail"]
+
+
+@pytest.fixture(scope="module")
+def controlnet_model(server, engine):
+    """A tiny ControlNet made from the tiny checkpoint's UNet, dropped into the server's
+    models/ControlNet while it runs (GET /controlnet/model_list rescans)."""
+    from tests.control_factories import tiny_controlnet, write_controlnet
+
+    with engine.pipeline("txt2img", "tiny.safetensors") as active:
+        controlnet = tiny_controlnet(active.pipe.unet, seed=1)
+    write_controlnet(server.data_dir / "models" / "ControlNet" / "control_tiny_canny.safetensors", controlnet,
+                     layout="ldm")
+    engine.registry.refresh()
+    return "control_tiny_canny"
+
+
+def square() -> Image.Image:
+    image = Image.new("RGB", (64, 64))
+    image.paste((255, 255, 255), (16, 16, 48, 48))
+    return image
+
+
+def test_controlnet_through_webuiapi_matches_the_engine(webui, engine, first, controlnet_model):
+    import webuiapi
+
+    from pipelines.control import ControlUnit, preprocessors
+
+    assert webui.has_controlnet  # /scripts lists "controlnet m2m"
+    assert webui.controlnet_version() == 2
+    assert webui.controlnet_model_list() == [controlnet_model]
+    assert "canny" in webui.controlnet_module_list()
+    unit = webuiapi.ControlNetUnit(image=square(), module="canny", model=controlnet_model, weight=1.0,
+                                   processor_res=64, threshold_a=100, threshold_b=200)
+    result = webui.txt2img(controlnet_units=[unit], **BASE)
+    expected = generate(engine, None, GenerationRequest(task="txt2img", control_units=(ControlUnit(
+        module="canny", model=controlnet_model, image=square(), resize_mode="Resize and Fill", processor_res=64,
+        threshold_a=100, threshold_b=200),), **ENGINE_BASE))
+    assert np.array_equal(pixels(result.image), pixels(expected.images[0]))
+    assert not np.array_equal(pixels(result.image), pixels(first.image))  # the control changed the picture
+    assert "ControlNet 0: " in result.info["infotexts"][0] and "Module: canny" in result.info["infotexts"][0]
+    # detect, as webuiapi sends it (controlnet_images), equals the preprocessor run here.
+    detected = webui.controlnet_detect(images=[square()], module="canny", processor_res=64, threshold_a=100,
+                                       threshold_b=200)
+    want = preprocessors.detect("canny", square(), resolution=64, threshold_a=100, threshold_b=200)
+    assert np.array_equal(pixels(detected.image), pixels(want))

@@ -6,6 +6,7 @@ import io
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -92,6 +93,9 @@ def ctx(tmp_path):
     stripped.write_stripped(models / "VAE" / "vae-ft-mse.safetensors", stripped.vae_layout())
     stripped.write_stripped(models / "Lora" / "styleA_v3.safetensors", stripped.kohya_lora_sd1_layout(),
                             {"ss_output_name": "styleA"})
+    stripped.write_stripped(models / "ControlNet" / "control_v11p_sd15_canny.safetensors",
+                            {"control_model.input_hint_block.0.weight": (16, 3, 3, 3),
+                             "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)})
     settings = Settings(data_dir=tmp_path / "data", api=True)
     paths = ModelPaths(models_dir=models, embeddings_dir=tmp_path / "data" / "embeddings",
                        builtin_dir=tmp_path / "no-builtin")
@@ -350,7 +354,7 @@ def test_every_route_needs_the_credentials(ctx):
     client = make_client(ctx, [AUTH])
     schema = client.get("/openapi.json", auth=AUTH).json()
     routes = [(method.upper(), path) for path, ops in schema["paths"].items() for method in ops]
-    assert len(routes) == 34  # 29 + 5 extension routes; each one is served: a missing route would answer 404, not 401
+    assert len(routes) == 40  # 29 + 5 extension routes + 6 ControlNet; a missing route would answer 404, not 401
     routes += [("GET", "/openapi.json"), ("GET", "/docs")]
     for method, path in routes:
         for headers in ({}, {"Authorization": ""}, {"Authorization": "Basic " + base64.b64encode(b"alice:wrong").decode()},
@@ -416,3 +420,70 @@ def test_upscaler_lists_come_from_the_hires_lane(client, ctx):
     names = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
     assert names[:3] == ["None", "Lanczos", "Nearest"]
     assert [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()] == list(upscalers.LATENT_MODES)
+
+
+# --- ControlNet ----------------------------------------------------------------------------------
+
+def square(size=64) -> Image.Image:
+    image = Image.new("RGB", (size, size))
+    image.paste((255, 255, 255), (16, 16, size - 16, size - 16))
+    return image
+
+
+def test_controlnet_units_from_alwayson_scripts(client, ctx):
+    unit = {"image": b64_png(square(), data_url=True), "mask": None, "module": "canny", "model": "control_v11p_sd15_canny",
+            "weight": 0.5, "resize_mode": "Resize and Fill", "low_vram": False, "processor_res": 512,
+            "threshold_a": 64, "threshold_b": 64, "guidance_start": 0.1, "guidance_end": 0.9, "control_mode": 2,
+            "pixel_perfect": False, "hr_option": "Both", "enabled": True}
+    body = {"width": 64, "height": 64, "alwayson_scripts": {"controlnet": {"args": [unit, {"enabled": False}]}}}
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    (got,) = ctx.jobs.submitted[0][1].control_units
+    assert (got.module, got.model, got.weight, got.guidance_start, got.guidance_end) == (
+        "canny", "control_v11p_sd15_canny", 0.5, 0.1, 0.9)
+    assert (got.control_mode, got.resize_mode, got.threshold_a) == ("ControlNet is more important", "Resize and Fill", 64)
+    assert got.image.convert("RGB").tobytes() == square().tobytes()
+    # webuiapi always sends an empty ControlNet entry once /scripts lists it.
+    empty = {"width": 64, "height": 64, "alwayson_scripts": {"ControlNet": {"args": []}}}
+    assert client.post("/sdapi/v1/txt2img", json=empty).status_code == 200
+    assert ctx.jobs.submitted[1][1].control_units == ()
+    for image in ("/etc/passwd", "https://example.com/a.png", {"image": "file:///etc/passwd"}):
+        bad = {"width": 64, "height": 64, "alwayson_scripts": {"ControlNet": {"args": [{"image": image}]}}}
+        response = client.post("/sdapi/v1/txt2img", json=bad)
+        assert response.status_code == 422 and "ControlNet unit 0 image" in response.json()["detail"]
+
+
+def test_controlnet_routes(client):
+    from pipelines.control import preprocessors
+
+    assert client.get("/controlnet/version").json() == {"version": 2}
+    assert client.get("/controlnet/model_list").json() == {"model_list": ["control_v11p_sd15_canny"]}
+    modules = client.get("/controlnet/module_list").json()
+    assert modules["module_list"] == preprocessors.names()
+    assert [s["name"] for s in modules["module_detail"]["canny"]["sliders"]] == [
+        "Preprocessor Resolution", "Canny low threshold", "Canny high threshold"]
+    types = client.get("/controlnet/control_types").json()["control_types"]
+    assert types["Canny"]["model_list"] == ["None", "control_v11p_sd15_canny"] and "canny" in types["Canny"]["module_list"]
+    assert client.get("/controlnet/settings").json() == {"control_net_unit_count": 3}
+
+
+@pytest.mark.parametrize("key", ["controlnet_input_images", "controlnet_images"])
+def test_controlnet_detect_accepts_both_image_keys(client, key):
+    from pipelines.control import preprocessors
+
+    body = {"controlnet_module": "canny", key: [b64_png(square(), data_url=True)], "controlnet_processor_res": 64,
+            "controlnet_threshold_a": 50, "controlnet_threshold_b": 150}
+    data = client.post("/controlnet/detect", json=body).json()
+    expected = preprocessors.detect("canny", square(), resolution=64, threshold_a=50, threshold_b=150)
+    assert data["info"] == "Success" and len(data["images"]) == 1
+    got = decode(data["images"][0]).convert("RGB")
+    assert got.tobytes() == expected.tobytes() and len(np.unique(np.asarray(got))) == 2  # edges and background
+
+
+def test_controlnet_detect_errors_are_422(client):
+    image = b64_png(square())
+    for body, message in (({"controlnet_module": "canny"}, "must hold at least one base64 image"),
+                          ({"controlnet_module": "nope", "controlnet_images": [image]}, "unknown ControlNet preprocessor"),
+                          ({"controlnet_module": "depth_midas", "controlnet_images": [image]}, "needs its annotator network"),
+                          ({"controlnet_module": "canny", "controlnet_images": ["/etc/passwd"]}, "file paths are not accepted")):
+        response = client.post("/controlnet/detect", json=body)
+        assert response.status_code == 422 and message in response.json()["detail"]
