@@ -53,6 +53,7 @@ def test_family_files_are_listed_as_their_kind(family):
     assert [e.arch for e in checkpoints] == [Arch.TINYWORLD]  # adapters in subfolders are not checkpoints
     assert checkpoints[0].builtin
     assert [e.name for e in registry.vaes()] == [WARM_VAE]
+    assert sorted(e.name for e in registry.embeddings()) == ["tw-green-square-st.safetensors", "tw-green-square.pt"]
 
 
 def test_builtin_checkpoint_draws_the_prompt_on_recorded_seeds(family):
@@ -73,3 +74,27 @@ def test_warm_vae_renders_the_same_sample_warmer(family):
         # the decoder changed, not the sample: same layout, redder and less blue
         assert np.abs(own.astype(int) - warm.astype(int)).mean() < 80
         assert warmth(warm[None]) - warmth(own[None]) > 20
+
+
+def test_embedding_files_are_a1111_format_and_load_without_pickle_code():
+    import torch
+    from safetensors.torch import load_file
+
+    from tools.tinyworld.ti import EMBEDDING_NAME
+
+    data = torch.load(ASSETS / "embeddings" / f"{EMBEDDING_NAME}.pt", weights_only=True)
+    vectors = data["string_to_param"]["*"]
+    assert vectors.shape == (2, 64) and data["name"] == EMBEDDING_NAME
+    assert torch.equal(load_file(ASSETS / "embeddings" / f"{EMBEDDING_NAME}-st.safetensors")["emb_params"], vectors)
+
+
+def test_embedding_reaches_the_text_encoder_through_the_engine(family):
+    from tools.tinyworld.evaluate import load_embedding_into_engine
+    from tools.tinyworld.ti import EMBEDDING_NAME, concept_prompt
+
+    words = render(family, concept_prompt("red", "green square"), 7, SETTING)
+    load_embedding_into_engine(family, ASSETS)
+    embedded = render(family, concept_prompt("red"), 7, SETTING)
+    # the two vectors started as "green" and "square" and moved: a different picture, still a shape
+    assert not np.array_equal(words, embedded)
+    assert world.classify(embedded).shape is not None

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tools.tinyworld import world
-from tools.tinyworld.finetune import BASE_CHECKPOINT, EpsilonLoss, load_base_pipeline, load_latents
+from tools.tinyworld.finetune import EpsilonLoss, load_base_pipeline, load_latents
 from tools.tinyworld.train import REPO_ROOT, load_data, log, tokenize
 
 CONTROLNET_NAME = "tw-canny"
@@ -53,10 +53,10 @@ def build_controlnet(unet):
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT_CHANNELS)
 
 
-def stage_controlnet(run_dir: Path, output_dir: Path, seed: int, steps: int, batch: int, lr: float,
+def stage_controlnet(run_dir: Path, base: Path, output_dir: Path, seed: int, steps: int, batch: int, lr: float,
                      minutes: float, n_images: int = 8000) -> None:
     torch.manual_seed(seed)
-    pipe = load_base_pipeline(BASE_CHECKPOINT)
+    pipe = load_base_pipeline(base)
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     controlnet = build_controlnet(unet).train()
     images, labels = load_data(run_dir)

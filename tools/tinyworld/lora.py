@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from tools.tinyworld import world
-from tools.tinyworld.finetune import BASE_CHECKPOINT, EpsilonLoss, encode_images, load_base_pipeline
+from tools.tinyworld.finetune import EpsilonLoss, encode_images, load_base_pipeline
 from tools.tinyworld.train import load_data, log, tokenize
 
 LORA_NAME = "tw-stripes"
@@ -64,12 +64,12 @@ def striped_caption(combo: tuple[str, str, str]) -> str:
     return f"{world.caption(*combo)}, {TRIGGER}"
 
 
-def stage_lora(run_dir: Path, output_dir: Path, seed: int, steps: int, batch: int, lr: float, rank: int,
+def stage_lora(run_dir: Path, base: Path, output_dir: Path, seed: int, steps: int, batch: int, lr: float, rank: int,
                minutes: float, n_images: int = 4000) -> None:
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     torch.manual_seed(seed)
-    pipe = load_base_pipeline(BASE_CHECKPOINT)
+    pipe = load_base_pipeline(base)
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     images, labels = load_data(run_dir)
     images = add_stripes(images[:n_images])

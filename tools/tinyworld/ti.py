@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tools.tinyworld.finetune import BASE_CHECKPOINT, EpsilonLoss, load_base_pipeline, load_latents
+from tools.tinyworld.finetune import EpsilonLoss, load_base_pipeline, load_latents
 from tools.tinyworld.train import log, tokenize
 
 EMBEDDING_NAME = "tw-green-square"
@@ -30,9 +30,9 @@ def concept_prompt(bg: str, token: str = EMBEDDING_NAME) -> str:
     return f"a {token} on a {bg} background"
 
 
-def stage_ti(run_dir: Path, output_dir: Path, seed: int, steps: int, batch: int, lr: float, minutes: float) -> None:
+def stage_ti(run_dir: Path, base: Path, output_dir: Path, seed: int, steps: int, batch: int, lr: float, minutes: float) -> None:
     torch.manual_seed(seed)
-    pipe = load_base_pipeline(BASE_CHECKPOINT)
+    pipe = load_base_pipeline(base)
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     init_ids = [tokenizer(word, add_special_tokens=False).input_ids[0] for word in INIT_WORDS]
     tokenizer.add_tokens(list(PLACEHOLDERS))

@@ -403,8 +403,8 @@ def stage_export(run_dir: Path, output: Path, which: str) -> None:
 
 
 def run_adapter_stage(stage: str, args) -> None:
-    """The adapter stages live in their own modules; each trains on the exported checkpoint."""
-    common = dict(run_dir=args.run_dir, seed=args.seed, batch=args.adapter_batch, minutes=args.adapter_minutes)
+    """The adapter stages live in their own modules; each trains on the exported checkpoint (--output)."""
+    common = dict(run_dir=args.run_dir, base=args.output, seed=args.seed, batch=args.adapter_batch, minutes=args.adapter_minutes)
     if stage == "vae2":
         from tools.tinyworld.vae2 import OUTPUT_NAME, stage_vae2
 

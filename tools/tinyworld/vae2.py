@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tools.tinyworld.finetune import BASE_CHECKPOINT, load_base_pipeline, load_latents
+from tools.tinyworld.finetune import load_base_pipeline, load_latents
 from tools.tinyworld.train import images_to_tensor, load_data, log
 
 OUTPUT_NAME = "tinyworld-warm.vae.safetensors"
@@ -35,11 +35,11 @@ def warmth(images: np.ndarray) -> float:
     return float(pixels[..., 0].mean() - pixels[..., 2].mean())
 
 
-def stage_vae2(run_dir: Path, output: Path, seed: int, steps: int, batch: int, lr: float, minutes: float) -> None:
+def stage_vae2(run_dir: Path, base: Path, output: Path, seed: int, steps: int, batch: int, lr: float, minutes: float) -> None:
     from pipelines.ldm_convert import save_ldm_checkpoint, vae_to_ldm
 
     torch.manual_seed(seed)
-    vae = load_base_pipeline(BASE_CHECKPOINT).vae
+    vae = load_base_pipeline(base).vae
     images, _ = load_data(run_dir)
     latents = load_latents(run_dir)
     decoder_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
