@@ -1,8 +1,7 @@
 """The list endpoints (`sd-models`, `samplers`, `loras`, ...) in A1111's shapes, from the
 registry and the sampler tables. Functions of their inputs only, so each is testable alone.
 
-Integration points: prompt-styles (prompts lane's styles.csv reader), embeddings and LoRA
-details (adapters lane) list what the registry knows today and grow when those land.
+Integration point: prompt-styles waits for the prompts lane's styles.csv reader.
 """
 from __future__ import annotations
 
@@ -39,11 +38,20 @@ def hypernetworks(registry: Any) -> list[dict[str, Any]]:
 
 
 def embeddings(registry: Any) -> dict[str, Any]:
-    """Every embedding file the registry found, by name. Shape and vector count come once the
-    adapters lane reads the files; A1111 lists unloadable ones under `skipped`."""
-    loaded = {entry.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                           "shape": None, "vectors": None} for entry in registry.embeddings()}
-    return {"loaded": loaded, "skipped": {}}
+    """Every embedding file by name, with its vector width (`shape`) and count (`vectors`) read
+    through the adapters lane's reader; files it cannot read are listed under `skipped`."""
+    from pipelines.adapters.embeddings import read_embedding
+
+    loaded, skipped = {}, {}
+    for entry in registry.embeddings():
+        item = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
+        try:
+            vectors = next(iter(read_embedding(entry.path).values()))
+        except (OSError, ValueError, RuntimeError):
+            skipped[entry.stem] = item
+            continue
+        loaded[entry.stem] = item | {"shape": int(vectors.shape[-1]), "vectors": int(vectors.shape[0])}
+    return {"loaded": loaded, "skipped": skipped}
 
 
 def sampler_list() -> list[dict[str, Any]]:

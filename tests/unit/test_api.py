@@ -291,7 +291,7 @@ def test_unknown_checkpoint_or_bad_clip_skip_is_422_and_changes_nothing(client, 
 
 # --- lists -------------------------------------------------------------------------------------
 
-def test_lists_have_a1111_shapes(client):
+def test_lists_have_a1111_shapes(client, ctx):
     from pipelines import samplers
 
     models = client.get("/sdapi/v1/sd-models").json()
@@ -305,6 +305,17 @@ def test_lists_have_a1111_shapes(client):
     controlnet = ["controlnet", "controlnet m2m"]  # webuiapi looks for "controlnet m2m"
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": controlnet, "img2img": controlnet}
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    import torch
+    from safetensors.torch import save_file
+    embeddings = ctx.settings.data_dir / "embeddings"
+    embeddings.mkdir(parents=True, exist_ok=True)
+    save_file({"emb_params": torch.zeros(3, 768)}, str(embeddings / "easyneg.safetensors"))
+    (embeddings / "broken.pt").write_bytes(b"not a pickle")
+    ctx.registry.refresh()
+    listed = client.get("/sdapi/v1/embeddings").json()
+    assert listed["loaded"]["easyneg"] | {"step": 0} == {"step": 0, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                                         "shape": 768, "vectors": 3}
+    assert list(listed["skipped"]) == ["broken"]
     flags = client.get("/sdapi/v1/cmd-flags").json()
     assert flags["api"] is True and flags["auth"] is None
     assert "ram" in client.get("/sdapi/v1/memory").json()
