@@ -164,6 +164,8 @@ def _status(found: ExtensionRecord, running: ExtensionRecord | None, enabled: bo
     if not running.loaded:
         return "disabled" if not enabled else "enabled; restart to load"
     status = "loaded" if enabled else "loaded; disabled at next restart"
+    if running.version != found.version:
+        status += f" ({running.version}; restart to run {found.version})"
     if running.hook_errors:
         status += f"; {len(running.hook_errors)} hook error(s), last: {running.hook_errors[-1]}"
     return status

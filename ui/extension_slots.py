@@ -68,8 +68,11 @@ def extension_accordions(ctx: Any, reg: Any, tab: str) -> None:
     """Call inside a generation tab's settings column."""
     if ctx.extensions is None:
         return
+    seen: dict[str, int] = {}
     for record, title, build in ctx.extensions.accordions(tab):
-        with gr.Accordion(title, open=False, elem_id=f"ext_{record.name}_{tab}_accordion"):
+        seen[record.name] = seen.get(record.name, 0) + 1
+        suffix = "" if seen[record.name] == 1 else f"_{seen[record.name]}"
+        with gr.Accordion(title, open=False, elem_id=f"ext_{record.name}_{tab}_accordion{suffix}"):
             _build_isolated(record, title, build, ExtensionUI(ctx, reg, record.name, tab))
 
 
@@ -77,6 +80,6 @@ def extension_tabs(ctx: Any, reg: Any) -> None:
     """Call inside the main gr.Tabs."""
     if ctx.extensions is None:
         return
-    for record, title, build in ctx.extensions.tabs():
-        with gr.Tab(title, id=f"ext_{record.name}_{len(title)}_{title}"):
+    for index, (record, title, build) in enumerate(ctx.extensions.tabs()):
+        with gr.Tab(title, id=f"ext_{index}_{record.name}"):
             _build_isolated(record, title, build, ExtensionUI(ctx, reg, record.name, None))

@@ -89,6 +89,8 @@ def test_install_hooks_update_disable_uninstall_from_a_local_git_repo(engine, pl
     assert "update available" in actions.check_update("sample", None)
     assert "updated to" in actions.update("sample", None)
     assert actions.rows()[0].commit == new_commit and actions.rows()[0].version == "2.0"
+    running = ExtensionActions(actions.settings, exts, actions.builtin_dir)  # this run loaded 1.0
+    assert running.rows()[0].status == "loaded (1.0; restart to run 2.0)"
     exts = load(actions)
     edge, _inside = border_and_inside(run(manager, hooks=exts.hooks(), seed=100).images[0])
     assert (edge == BLUE).all()
