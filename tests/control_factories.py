@@ -119,3 +119,41 @@ def write_tiny_ip_adapter(models_dir: Path, unet, name: str = "ip-adapter_tiny.s
     path = folder / name
     save_file({k: v.contiguous() for k, v in tiny_ip_adapter_state(unet, seed=seed).items()}, str(path))
     return path
+
+
+def tiny_t2i_adapter(unet, seed: int = 0, in_channels: int = 3, downscale_factor: int = 4):
+    """A random T2I-Adapter whose features fit `unet`'s down blocks (tiny-world: factor-4 VAE)."""
+    from diffusers import T2IAdapter
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T2IAdapter(in_channels=in_channels, channels=list(unet.config.block_out_channels), num_res_blocks=1,
+                          downscale_factor=downscale_factor, adapter_type="full_adapter").eval()
+
+
+def t2i_adapter_to_original(adapter) -> dict[str, torch.Tensor]:
+    """diffusers `adapter.*` -> TencentARC's flat `conv_in.*`, `body.K.*` layout."""
+    per_level = adapter.config.num_res_blocks
+    out = {}
+    for key, tensor in adapter.state_dict().items():
+        rest = key[len("adapter."):]
+        match = re.fullmatch(r"body\.(\d+)\.resnets\.(\d+)\.(.+)", rest)
+        if match:
+            rest = f"body.{int(match.group(1)) * per_level + int(match.group(2))}.{match.group(3)}"
+        else:
+            match = re.fullmatch(r"body\.(\d+)\.in_conv\.(.+)", rest)
+            if match:
+                rest = f"body.{int(match.group(1)) * per_level}.in_conv.{match.group(2)}"
+        out[rest] = tensor.contiguous()
+    return out
+
+
+def write_t2i_adapter(path: Path, adapter, layout: str = "diffusers") -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = t2i_adapter_to_original(adapter) if layout == "original" else {
+        k: v.contiguous() for k, v in adapter.state_dict().items()}
+    save_file(state, str(path))
+    return path

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from pipelines import imageops
-from pipelines.control import ip_adapter, models, preprocessors
+from pipelines.control import ip_adapter, models, preprocessors, t2i_adapter
 from pipelines.control.units import CONTROL_MODES, ControlUnit
 
 SOFT_INJECTION_BASE = 0.825
@@ -67,6 +67,11 @@ def make_unit_controlnets(nets: Sequence[Any], control_modes: Sequence[str], cfg
                     cross_attention_kwargs=None, guess_mode=False, return_dict=True):
             total_down, total_mid = None, None
             for image, scale, net, mode in zip(controlnet_cond, conditioning_scale, self.nets, self.control_modes):
+                if not hasattr(net, "controlnet_cond_embedding"):  # a T2I-Adapter: intrablock features, no mid
+                    down = t2i_adapter.adapter_features(net, image, scale)
+                    down, _ = _apply_mode(down, down[-1], mode, self.cfg_batches and not guess_mode)
+                    total_down = down if total_down is None else [a + b for a, b in zip(total_down, down)]
+                    continue
                 down, mid = net(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                                 controlnet_cond=image, conditioning_scale=scale, class_labels=class_labels,
                                 timestep_cond=timestep_cond, attention_mask=attention_mask,
@@ -135,7 +140,7 @@ class _Resolved:
     index: int
     unit: ControlUnit
     entry: Any
-    kind: str  # "controlnet" | "ip_adapter"
+    kind: str  # "controlnet" | "t2i_adapter" | "ip_adapter"
 
 
 def resolve_entry(registry, name: str):
@@ -157,15 +162,15 @@ def _resolve(manager, active, request) -> list[_Resolved]:
         if kind == "image_encoder":
             raise ValueError(f"{entry.name} is a CLIP image encoder, used by IP-Adapters by itself; "
                              "pick a ControlNet or an IP-Adapter as the unit's model")
-        if kind == "t2i_adapter":
-            raise ValueError(f"{entry.name} is a T2I-Adapter, which this version cannot run yet "
-                             "(diffusers' SD1 adapter pipeline has no step callbacks for progress and "
-                             "interrupt); use a ControlNet of the same kind")
         models.check_compatible(entry, models.family_of_entry(entry), active.arch, active.checkpoint.name)
         if kind == "ip_adapter" and (unit.guidance_start, unit.guidance_end, unit.control_mode) != (0, 1, CONTROL_MODES[0]):
             raise ValueError(f"ControlNet unit {index} ({entry.name}): IP-Adapter units run over all steps in "
                              "Balanced mode; set starting step 0, ending step 1 and control mode Balanced")
         resolved.append(_Resolved(index, unit, entry, kind))
+    kinds = {r.kind for r in resolved}
+    if {"controlnet", "t2i_adapter"} <= kinds:
+        raise ValueError("ControlNet and T2I-Adapter units cannot run in the same generation; "
+                         "disable the units of one kind")
     return resolved
 
 
@@ -189,7 +194,7 @@ def attach(manager, active, request) -> Iterator[tuple[Any, dict[str, Any]]]:
         yield active, {}
         return
     models_dir = manager.registry.paths.models_dir
-    controlnets = [r for r in resolved if r.kind == "controlnet"]
+    controlnets = [r for r in resolved if r.kind in ("controlnet", "t2i_adapter")]
     adapters = [r for r in resolved if r.kind == "ip_adapter"]
     # Preprocess before loading anything: a bad image or a missing annotator fails fast.
     images = [control_image(r.unit, unit_source(r.unit, r.index, request), request.width, request.height, models_dir)
@@ -212,9 +217,15 @@ def attach(manager, active, request) -> Iterator[tuple[Any, dict[str, Any]]]:
         if controlnets:
             nets = []
             for r in controlnets:
-                key = ("controlnet", str(r.entry.path), r.entry.mtime, r.entry.size)
-                net = _cached(manager, keys, key, lambda entry=r.entry: _load_counted(manager, entry))
-                models.check_compatible(r.entry, models.loaded_family(net), active.arch, active.checkpoint.name)
+                if r.kind == "t2i_adapter":  # its config depends on the checkpoint it joins
+                    key = ("t2i_adapter", str(r.entry.path), r.entry.mtime, r.entry.size, active.arch.value)
+                    net = _cached(manager, keys, key, lambda entry=r.entry: t2i_adapter.load_t2i_adapter(
+                        entry, active.pipe.unet.config, active.arch.is_sdxl, t2i_adapter.vae_factor_of(active.pipe),
+                        manager.dtype))
+                else:
+                    key = ("controlnet", str(r.entry.path), r.entry.mtime, r.entry.size)
+                    net = _cached(manager, keys, key, lambda entry=r.entry: _load_counted(manager, entry))
+                    models.check_compatible(r.entry, models.loaded_family(net), active.arch, active.checkpoint.name)
                 nets.append(_on_device(manager, net))
             multi = make_unit_controlnets(nets, [r.unit.control_mode for r in controlnets], request.cfg_scale > 1)
             cls = control_pipeline_class(active.arch.is_sdxl, request.task)

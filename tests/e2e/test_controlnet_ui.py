@@ -9,7 +9,8 @@ import app
 from pipelines.metadata import parse_infotext
 from pipelines.settings import Settings
 from tests import factories
-from tests.control_factories import tiny_controlnet, write_controlnet, write_tiny_ip_adapter
+from tests.control_factories import (tiny_controlnet, tiny_t2i_adapter, write_controlnet, write_t2i_adapter,
+                                     write_tiny_ip_adapter)
 from tests.e2e.conftest import free_port
 from ui import control_tab
 from ui.control_form import form_from_units
@@ -31,6 +32,8 @@ def served(tmp_path_factory):
     write_controlnet(data_dir / "models" / "ControlNet" / "control_tiny_canny.safetensors",
                      tiny_controlnet(factories.tiny_unet(seed=0), seed=4))
     write_tiny_ip_adapter(data_dir / "models", factories.tiny_unet(seed=0))
+    write_t2i_adapter(data_dir / "models" / "ControlNet" / "t2iadapter_tiny.safetensors",
+                      tiny_t2i_adapter(factories.tiny_unet(seed=0), seed=3))
     drawn = Image.new("RGB", (64, 64))
     ImageDraw.Draw(drawn).ellipse((12, 12, 51, 51), fill="white")
     drawn.save(data_dir / "control.png")
@@ -99,3 +102,11 @@ def test_ip_adapter_unit_through_the_ui(served):
                             cn1_image=handle_file(data_dir / "control.png"))
     assert np.abs(on - off).mean() > 1
     assert 'ControlNet 0: "Module: none, Model: ip-adapter_tiny [' in infotext
+
+
+def test_t2i_adapter_unit_through_the_ui(served):
+    client, data_dir, _ctx = served
+    off, _ = generate(client)
+    on, infotext = generate(client, **unit(data_dir, cn0_model="t2iadapter_tiny.safetensors"))
+    assert np.abs(on - off).mean() > 1
+    assert 'ControlNet 0: "Module: canny, Model: t2iadapter_tiny [' in infotext

@@ -11,7 +11,8 @@ from pipelines.control import ControlUnit
 from pipelines.generate import generate
 from pipelines.request import GenerationRequest
 from pipelines.settings import BUILTIN_MODELS_DIR
-from tests.control_factories import tiny_controlnet, write_controlnet, write_tiny_ip_adapter
+from tests.control_factories import (tiny_controlnet, tiny_t2i_adapter, write_controlnet, write_t2i_adapter,
+                                     write_tiny_ip_adapter)
 from tests.integration.conftest import make_engine
 
 
@@ -29,6 +30,9 @@ def control_engine(tmp_path_factory):
     save_file({"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(4, 2048)},
               str(folder / "diffusers_xl_canny_mid.safetensors"))
     write_tiny_ip_adapter(root / "models", unet)
+    write_t2i_adapter(folder / "t2iadapter_tiny_sketch.safetensors", tiny_t2i_adapter(unet, seed=5))
+    write_t2i_adapter(folder / "t2iadapter_tiny_canny_original.safetensors",
+                      tiny_t2i_adapter(unet, seed=6, in_channels=1), layout="original")
     manager.registry.refresh()
     return manager
 
@@ -163,3 +167,35 @@ def test_ip_adapter_without_image_encoder_says_where_to_put_it(tmp_path):
 
     with pytest.raises(ValueError, match=r"ipadapter/image_encoder"):
         find_image_encoder(tmp_path / "models")
+
+
+# --- T2I-Adapter -----------------------------------------------------------------------------
+
+T2I_UNIT = ControlUnit(module="canny", model="t2iadapter_tiny_sketch", image=square())
+
+
+def test_t2i_adapter_weight_guidance_and_layouts(control_engine, baseline):
+    on, infotext = run(control_engine, T2I_UNIT)
+    assert distance(on, baseline) > 1 and "ControlNet 0" in infotext
+    zero, _ = run(control_engine, T2I_UNIT.with_changes(weight=0))
+    assert np.array_equal(zero, baseline)
+    half, _ = run(control_engine, T2I_UNIT.with_changes(guidance_end=0.5))
+    assert 0 < distance(half, baseline) < distance(on, baseline) + 1e-9
+    # the original TencentARC layout with a one-channel (canny) input, and two adapters at once
+    original, _ = run(control_engine, T2I_UNIT.with_changes(model="t2iadapter_tiny_canny_original"))
+    assert distance(original, baseline) > 1 and distance(original, on) > 1
+    both, _ = run(control_engine, T2I_UNIT, T2I_UNIT.with_changes(model="t2iadapter_tiny_canny_original"))
+    assert distance(both, on) > 1 and distance(both, original) > 1
+
+
+def test_t2i_adapter_in_img2img(control_engine):
+    init = Image.new("RGB", (64, 64), (200, 60, 40))
+    changes = dict(task="img2img", init_image=init, denoising_strength=0.8)
+    off, _ = run(control_engine, **changes)
+    on, _ = run(control_engine, T2I_UNIT, **changes)
+    assert distance(on, off) > 1
+
+
+def test_t2i_adapter_and_controlnet_together_are_refused(control_engine):
+    with pytest.raises(ValueError, match="cannot run in the same generation"):
+        run(control_engine, UNIT, T2I_UNIT)
