@@ -27,6 +27,7 @@ def build_context(settings):
     from pipelines.cache import ModelCache
     from pipelines.devices import resolve_device, resolve_dtype
     from pipelines.generate import generate
+    from pipelines.prompts.source import PromptSource
     from pipelines.hashing import HashCache
     from pipelines.jobs import JobQueue
     from pipelines.limits import RequestLimits
@@ -44,12 +45,13 @@ def build_context(settings):
                               resolve_dtype(settings.precision, device))
     outputs = OutputStore(settings.outputs_dir)
     extensions = load_app_extensions(settings)
-    jobs = JobQueue(functools.partial(generate, manager, outputs, hooks=extensions.hooks()),
+    prompts = PromptSource.for_data_dir(settings.data_dir)  # styles.csv + wildcards/
+    jobs = JobQueue(functools.partial(generate, manager, outputs, hooks=extensions.hooks(), prompts=prompts),
                     max_queued_per_user=settings.max_queued_per_user,
                     admit=RequestLimits.from_settings(settings))
     return AppContext(settings=settings, registry=registry, manager=manager, jobs=jobs,
                       outputs=outputs, presets=load_presets(PRESETS_DIR), authenticator=authenticator(settings),
-                      extensions=extensions)
+                      extensions=extensions, prompts=prompts)
 
 
 def load_app_extensions(settings):

@@ -19,6 +19,8 @@ from pipelines.manager import ActivePipeline, PipelineManager
 from pipelines.metadata import format_infotext
 from pipelines.outputs import OutputStore
 from pipelines.preview import latent_preview
+from pipelines.prompts.conditioning import build_conditioning
+from pipelines.prompts.source import ImagePrompt, PromptSource
 from pipelines.request import GenerationRequest, GenerationResult
 from pipelines.version import INFOTEXT_VERSION
 
@@ -32,11 +34,15 @@ def resolve_seed(seed: int, rng: random.Random | None = None) -> int:
 
 def generate(manager: PipelineManager, outputs: OutputStore | None, request: GenerationRequest,
              progress: ProgressSink | None = None, cancel: CancelToken | None = None,
-             hooks: GenerationHooks = NO_HOOKS) -> GenerationResult:
+             hooks: GenerationHooks = NO_HOOKS, prompts: PromptSource | None = None) -> GenerationResult:
+    """`prompts` applies styles and wildcards (the app passes the data dir's); without it a
+    request's prompt is used as written."""
     progress = progress or (lambda _p: None)
     cancel = cancel or CancelToken()
     request = hooks.before_generate(request)
     base_seed = resolve_seed(request.seed)
+    # styles become part of the request's prompt (A1111: before anything parses it); wildcards per image
+    request, image_prompts = (prompts or PromptSource()).prepare(request, base_seed)
     images, infotexts, seeds, paths = [], [], [], []
     loads_before = sum(manager.load_counts.values())
     wishes = adapters.wishes_for(request)
@@ -53,13 +59,14 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
             if cancel.cancelled:
                 break
             batch_seeds = [base_seed + batch_index * request.batch_size + i for i in range(request.batch_size)]
+            batch_prompts = image_prompts[batch_index * request.batch_size:(batch_index + 1) * request.batch_size]
             batch = _run_batch(active, request, batch_seeds, batch_index, progress, cancel, control_kwargs, hooks,
-                               manager)
-            for image, seed in zip(batch, batch_seeds):
+                               manager, batch_prompts)
+            for image, seed, image_prompt in zip(batch, batch_seeds, batch_prompts):
                 image = hooks.after_image(image, request)
                 params = {**params_common, "Seed": seed}
                 params = {k: params[k] for k in _ordered_keys(params)}
-                text = format_infotext(request.prompt, request.negative_prompt, params)
+                text = format_infotext(image_prompt.prompt, image_prompt.negative_prompt, params)
                 images.append(image)
                 infotexts.append(text)
                 seeds.append(seed)
@@ -74,18 +81,25 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
 
 def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[int], batch_index: int,
                progress: ProgressSink, cancel: CancelToken, extra: dict | None = None,
-               hooks: GenerationHooks = NO_HOOKS, manager: PipelineManager | None = None) -> list[Image.Image]:
+               hooks: GenerationHooks = NO_HOOKS, manager: PipelineManager | None = None,
+               prompts: list[ImagePrompt] | None = None) -> list[Image.Image]:
     pipe = active.pipe
     # seed: DPM++ SDE draws its Brownian noise from it, so the same seed gives the same image.
     pipe.scheduler = samplers.make_scheduler(request.sampler, request.schedule, dict(pipe.scheduler.config),
                                              seed=seeds[0])
     # CPU generators: the same seed gives the same noise on every device (A1111 "RNG: CPU").
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    callback = _step_callback(active, request, batch_index, progress, cancel, hooks, tuple(seeds))
+    # A1111 prompt language: weights, chunks, clip skip; editing switched from the step callback
+    prompts = prompts or [ImagePrompt(request.prompt, request.negative_prompt)] * len(seeds)
+    conditioning = build_conditioning(pipe, [p.prompt for p in prompts], [p.negative_prompt for p in prompts],
+                                      steps=_sampling_steps(request), clip_skip=request.clip_skip)
+    callback = _step_callback(active, request, batch_index, progress, cancel, hooks, tuple(seeds),
+                              conditioning.callback_outputs)
     common: dict[str, Any] = dict(
-        prompt=[request.prompt] * len(seeds), negative_prompt=[request.negative_prompt] * len(seeds),
+        **conditioning.pipeline_kwargs(),
         num_inference_steps=request.steps, guidance_scale=request.cfg_scale, generator=generators,
-        output_type="latent", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"],
+        output_type="latent", callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", *conditioning.tensor_inputs],
         **(extra or {}))
 
     if request.task == "txt2img":
@@ -93,6 +107,7 @@ def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[i
             latents = refiner.run(manager, active, request, seeds, common, callback)
         else:
             latents = pipe(width=request.width, height=request.height, **common).images
+        conditioning.finish()  # a hires pass encodes its own prompt
         if request.enable_hr and not cancel.cancelled:
             return hires.run_second_pass(manager, active, request, latents, seeds, callback, decode_latents)
         return decode_latents(pipe.vae, latents)
@@ -157,9 +172,16 @@ def _mean_colour(image: Image.Image, keep: Image.Image) -> tuple[int, int, int]:
 
 # --- progress --------------------------------------------------------------------------------
 
+def _sampling_steps(request: GenerationRequest) -> int:
+    """Steps the sampler really runs (img2img/inpaint run only the tail): the prompt-editing base."""
+    if request.task == "txt2img":
+        return request.steps
+    return max(1, int(request.steps * request.denoising_strength))
+
+
 def _step_callback(active: ActivePipeline, request: GenerationRequest, batch_index: int,
                    progress: ProgressSink, cancel: CancelToken, hooks: GenerationHooks = NO_HOOKS,
-                   seeds: tuple[int, ...] = ()):
+                   seeds: tuple[int, ...] = (), tensor_updates=lambda _pipe, _step: {}):
     def on_step_end(pipe, step: int, _timestep, tensors: dict) -> dict:
         total = getattr(pipe, "num_timesteps", None) or request.steps
         preview = None
@@ -171,7 +193,7 @@ def _step_callback(active: ActivePipeline, request: GenerationRequest, batch_ind
                                batch_count=request.batch_count, seeds=seeds, request=request))
         if cancel.cancelled:
             pipe._interrupt = True  # diffusers skips the remaining steps; we decode what we have
-        return {}
+        return tensor_updates(pipe, step)
     return on_step_end
 
 
@@ -212,7 +234,7 @@ def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
 # --- infotext --------------------------------------------------------------------------------
 
 _KEY_ORDER = ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
-              "VAE hash", "VAE", "Denoising strength", "RNG", "Mask blur", "Mask mode", "Inpaint area",
+              "VAE hash", "VAE", "Denoising strength", "Clip skip", "RNG", "Mask blur", "Mask mode", "Inpaint area",
               "Masked area padding", "Masked content", "Lora hashes", "TI hashes", "Version"]
 
 
@@ -236,6 +258,8 @@ def _infotext_params(manager: PipelineManager, active: ActivePipeline, request: 
         params["VAE"] = Path(active.vae.name).name
     if request.task != "txt2img":
         params["Denoising strength"] = _number(request.denoising_strength)
+    if request.clip_skip > 1:  # A1111 writes it only when it is not the default
+        params["Clip skip"] = request.clip_skip
     if request.task == "inpaint":
         params["Mask blur"] = request.mask_blur
         if request.inpainting_mask_invert:

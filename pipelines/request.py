@@ -63,6 +63,9 @@ class GenerationRequest:
     hr_negative_prompt: str = ""
     refiner_checkpoint: str | None = None
     refiner_switch_at: float = 0.8
+    styles: tuple[str, ...] = ()  # names from data/styles.csv, applied in order before parsing
+    clip_skip: int = 1  # A1111 "Clip skip" 1..12
+    wildcard_mode: str = "random"  # "random" or "combinatorial" over the batch
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
@@ -73,6 +76,7 @@ class GenerationRequest:
         object.__setattr__(self, "schedule", schedule)
         object.__setattr__(self, "resize_mode", _resize_mode_name(self.resize_mode))
         object.__setattr__(self, "control_units", _control_units(self.control_units))
+        object.__setattr__(self, "styles", tuple(self.styles))
 
     def _problems(self):
         if self.task not in TASKS:
@@ -103,6 +107,12 @@ class GenerationRequest:
             yield f"masked content must be one of {', '.join(INPAINT_FILLS)}, got '{self.inpainting_fill}'"
         if not 0 <= self.mask_blur <= 256:
             yield f"mask blur must be between 0 and 256, got {self.mask_blur}"
+        if not isinstance(self.styles, (list, tuple)) or not all(isinstance(s, str) for s in self.styles):
+            yield "styles must be a list of style names"
+        if not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
+            yield f"clip skip must be a whole number from 1 to 12, got {self.clip_skip}"
+        if self.wildcard_mode not in ("random", "combinatorial"):
+            yield f"wildcard mode must be random or combinatorial, got '{self.wildcard_mode}'"
         if not 0 <= self.inpaint_full_res_padding <= 1024:
             yield f"masked area padding must be between 0 and 1024, got {self.inpaint_full_res_padding}"
         yield from hires.problems(self)

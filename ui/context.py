@@ -18,3 +18,4 @@ class AppContext:
     authenticator: Any = None  # pipelines.access.Authenticator when a login is required
     extensions: Any = None  # extensions.loader.ExtensionSet
     restart: Any = None  # callable that restarts the app (set by app.main); None: restart by hand
+    prompts: Any = None  # pipelines.prompts.source.PromptSource: styles and wildcards

@@ -42,6 +42,8 @@ class PromptConditioning:
     _cache: dict = field(default_factory=dict, repr=False)
     _chunks: int = 1
     _current_step: int = 1
+    _finished: bool = False
+    pipe_id: int | None = None  # the pipeline these tensors fit; others (a refiner) get nothing
 
     def __post_init__(self) -> None:
         texts = {t for s in self.positive for _, t in s} | {t for s in self.negative for _, t in s}
@@ -74,7 +76,7 @@ class PromptConditioning:
     def callback_outputs(self, pipe, step_index: int) -> dict:
         """From `callback_on_step_end` after 0-based `step_index`: the tensors for the next step,
         or {} when the conditioning does not change there."""
-        if not self.changes_during_sampling:
+        if not self.changes_during_sampling or self._finished or (self.pipe_id not in (None, id(pipe))):
             return {}
         total = getattr(pipe, "num_timesteps", None) or self.steps
         # second-order samplers run more model steps than schedule steps: map proportionally
@@ -94,6 +96,11 @@ class PromptConditioning:
         if self.stack.sdxl:
             outputs["add_text_embeds"] = join(kwargs["negative_pooled_prompt_embeds"], kwargs["pooled_prompt_embeds"])
         return outputs
+
+    def finish(self) -> None:
+        """The pass this conditioning belongs to is over: later callbacks (a hires pass that
+        shares the callback) must not receive its tensors."""
+        self._finished = True
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -140,4 +147,4 @@ def build_conditioning(pipe, prompts: list[str], negative_prompts: list[str], st
 
     return PromptConditioning(stack=EncoderStack.from_pipe(pipe), positive=[schedule(p, True) for p in prompts],
                               negative=[schedule(n, False) for n in negative_prompts], steps=max(1, steps),
-                              clip_skip=clip_skip, emphasis=emphasis)
+                              clip_skip=clip_skip, emphasis=emphasis, pipe_id=id(pipe))

@@ -43,3 +43,16 @@ def test_json_round_trip_keeps_images_and_fields():
 def test_unknown_fields_are_rejected_by_name():
     with pytest.raises(ValueError, match="colour"):
         GenerationRequest.from_dict({"prompt": "x", "colour": "red"})
+
+
+def test_prompt_fields_round_trip_and_validate():
+    from pipelines.request import GenerationRequest as R
+
+    request = R(prompt="x", styles=["Cinematic", "Warm"], clip_skip=2, wildcard_mode="combinatorial")
+    assert request.styles == ("Cinematic", "Warm")
+    data = request.to_dict()
+    assert R.from_dict(data) == request and R.from_dict({**data, "styles": list(data["styles"])}) == request
+    assert R().styles == () and R().clip_skip == 1
+    for bad in (dict(clip_skip=0), dict(clip_skip=13), dict(styles="Cinematic"), dict(wildcard_mode="x")):
+        with pytest.raises(ValueError):
+            R(**bad)
