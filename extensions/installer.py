@@ -132,7 +132,8 @@ class Installer:
     def _clone(self, source: str, target: Path, branch: str | None, commit: str | None) -> None:
         if source.startswith("-"):
             raise ValueError("the source must be a URL or a path")
-        args = ["clone", "--quiet"]
+        # The ext:: transport runs shell commands; git forbids it by default, and so do we.
+        args = ["-c", "protocol.ext.allow=never", "clone", "--quiet"]
         if branch:
             args += ["--branch", branch]
         run_git([*args, "--", source, str(target)])

@@ -109,7 +109,9 @@ def test_install_hooks_update_disable_uninstall_from_a_local_git_repo(engine, pl
     assert ExtensionState(tmp_path / "data").disabled() == set()
 
 
-def test_install_at_a_commit_is_pinned(tmp_path):
+def test_install_at_a_commit_is_pinned_and_at_a_branch_follows_it(tmp_path):
+    from tests.extension_repos import git
+
     repo = tmp_path / "repo"
     first = make_repo(repo)
     commit_new_version(repo, version="2.0")
@@ -117,6 +119,16 @@ def test_install_at_a_commit_is_pinned(tmp_path):
     actions.install(str(repo), None, first, None)
     assert actions.rows()[0].commit == first and actions.rows()[0].version == "1.0"
     assert "pinned" in actions.check_update("sample", None)
+    actions.uninstall("sample", None)
+
+    git("checkout", "--quiet", "-b", "dev", cwd=repo)
+    dev = commit_new_version(repo, version="3.0-dev")
+    git("checkout", "--quiet", "main", cwd=repo)
+    actions.install(f"file://{repo}", "dev", None, None)
+    assert (actions.rows()[0].commit, actions.rows()[0].version) == (dev, "3.0-dev")
+    git("checkout", "--quiet", "dev", cwd=repo)
+    newer = commit_new_version(repo, version="3.1-dev")
+    assert "updated to" in actions.update("sample", None) and actions.rows()[0].commit == newer
 
 
 def test_install_from_zip_and_folder_and_from_an_index(tmp_path):
