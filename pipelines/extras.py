@@ -106,13 +106,20 @@ def png_bytes(image: Image.Image, parameters: str | None, postprocessing: str) -
 def save(outputs: OutputStore, image: Image.Image, parameters: str | None, postprocessing: str) -> Path:
     folder = outputs.folder(CATEGORY)
     data = png_bytes(image, parameters, postprocessing)
+    # A1111 names extras `NNNNN.png` (no seed), which next_sequence_number (`NNNNN-`) skips.
+    number = max(next_sequence_number(folder), _next_bare_number(folder))
     for _ in range(100):
-        path = folder / f"{next_sequence_number(folder):05d}.png"
+        path = folder / f"{number:05d}.png"
         try:
             return atomic_write_bytes(path, data, overwrite=False)
         except FileExistsError:
-            continue
+            number += 1  # another writer took it
     raise OSError(f"could not find a free file name in {folder}")
+
+
+def _next_bare_number(folder: Path) -> int:
+    numbers = [int(p.stem) for p in folder.glob("*.png") if p.stem.isdigit()] if folder.is_dir() else []
+    return max(numbers, default=-1) + 1
 
 
 def process_one(tool: upscalers.Upscalers, outputs: OutputStore | None, image: Image.Image,

@@ -112,10 +112,11 @@ def test_lists_match_what_the_server_has(webui, server):
     assert [s["name"] for s in webui.get_samplers()] == samplers.sampler_names()
     assert [s["label"] for s in webui.get_schedulers()] == samplers.schedule_labels()
     models = {m["model_name"]: m for m in webui.get_sd_models()}
-    assert set(models) == {"tiny", "tinyworld"}  # the truncated file is skipped by the scan
+    # Other e2e files add models to this server (merges); the truncated file is skipped by the scan.
+    assert {"tiny", "tinyworld"} <= set(models) and "truncated" not in models
     assert models["tiny"]["filename"] == str(server.data_dir / "models" / "Stable-diffusion" / "tiny.safetensors")
-    assert [(lora["name"], lora["alias"]) for lora in webui.get_loras()] == [("styleA_v3", "styleA")]
-    assert webui.get_loras()[0]["metadata"]["ss_network_dim"] == "4"
+    loras = {lora["name"]: lora for lora in webui.get_loras()}
+    assert loras["styleA_v3"]["alias"] == "styleA" and loras["styleA_v3"]["metadata"]["ss_network_dim"] == "4"
 
 
 def test_set_and_get_model_by_title(webui, engine):
@@ -246,7 +247,7 @@ def test_controlnet_through_webuiapi_matches_the_engine(webui, engine, first, co
 
     assert webui.has_controlnet  # /scripts lists "controlnet m2m"
     assert webui.controlnet_version() == 2
-    assert webui.controlnet_model_list() == [controlnet_model]
+    assert controlnet_model in webui.controlnet_model_list()
     assert "canny" in webui.controlnet_module_list()
     unit = webuiapi.ControlNetUnit(image=square(), module="canny", model=controlnet_model, weight=1.0,
                                    processor_res=64, threshold_a=100, threshold_b=200)

@@ -78,3 +78,17 @@ def test_batch_folder_must_be_inside_the_data_dir(tmp_path):
             extras.batch_folder_images(bad, data)
     with pytest.raises(ValueError, match="does not exist"):
         extras.batch_folder_images("missing", data)
+
+
+def test_saving_twice_in_a_day_numbers_the_files(tmp_path):
+    """A1111 names extras `NNNNN.png`; the second save of a day must not collide with the first."""
+    from PIL import Image
+
+    from pipelines import extras
+    from pipelines.outputs import OutputStore
+
+    store = OutputStore(tmp_path / "outputs")
+    paths = [extras.save(store, Image.new("RGB", (8, 8), c), None, "Postprocess upscaler: Nearest") for c in ("red", "blue")]
+    assert [p.name for p in paths] == ["00000.png", "00001.png"]
+    with Image.open(paths[1]) as second:
+        assert second.getpixel((0, 0)) == (0, 0, 255)
