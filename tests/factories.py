@@ -196,14 +196,16 @@ def tiny_lora_tensors(seed: int, rank: int = 4, alpha: float = 2.0, scale: float
 
 
 def write_tiny_lora(path, seed: int = 0, fmt: str = "kohya", rank: int = 4, alpha: float = 2.0,
-                    scale: float = 0.3, metadata: dict | None = None, only: str | None = None) -> Path:
+                    scale: float = 0.3, metadata: dict | None = None, only: str | None = None,
+                    components: dict | None = None) -> Path:
     """A random LoRA for tiny-world checkpoints, in kohya (`lora_unet_*` / `lora_te_*` with
     `.alpha`) or PEFT/diffusers format (`unet.*.lora_A/B`, alpha folded into B), so both
-    formats of one seed are the same LoRA. `only` keeps "unet" or "te" layers."""
+    formats of one seed are the same LoRA. `only` keeps "unet" or "te" layers; `components`
+    (unet + text_encoder of any SD1-layout model) sizes it for that model instead."""
     from safetensors.torch import save_file
 
     tensors = {}
-    for kohya, (diffusers_name, down, up) in tiny_lora_tensors(seed, rank, alpha, scale).items():
+    for kohya, (diffusers_name, down, up) in tiny_lora_tensors(seed, rank, alpha, scale, components).items():
         if only == "unet" and not kohya.startswith("lora_unet_") or only == "te" and not kohya.startswith("lora_te_"):
             continue
         if fmt == "kohya":

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ui import (control_tab, extensions_tab, extras_tab, hires_controls, img2img, merger_tab, png_info,
-                queue_panel, settings_tab, topbar, transfers, txt2img)
+from ui import (control_tab, extensions_tab, extra_networks_tab, extras_tab, hires_controls, img2img, merger_tab,
+                png_info, queue_panel, settings_tab, topbar, transfers, txt2img)
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.extension_slots import extension_tabs
@@ -28,6 +28,7 @@ def build_ui(ctx: AppContext) -> tuple[gr.Blocks, ComponentRegistry]:
             reg.add("tabs", tabs)
             txt2img.build(ctx, reg)
             img2img.build(ctx, reg)
+            extra_networks_tab.build(ctx, reg)
             extras_tab.build(ctx, reg)
             png_info.build(ctx, reg)
             merger_tab.build(ctx, reg)

@@ -1,0 +1,105 @@
+"""Extra-network cards: metadata, previews, user files, search and caching; prompt tag toggling
+and per-checkpoint VAE preferences behind the Extra networks and VAE tabs."""
+import json
+import time
+
+import pytest
+
+from pipelines.adapters.cards import CardCatalog, build_card, save_user_metadata, top_tags
+from pipelines.hashing import HashCache
+from pipelines.registry import ModelPaths, ModelRegistry
+from pipelines.vae_preferences import VaePreferences
+from tests import factories
+from ui.extra_networks_tab import toggle_tag
+
+
+@pytest.fixture()
+def registry(tmp_path):
+    lora = tmp_path / "models" / "Lora"
+    frequency = json.dumps({"10_inkwash": {"ink wash": 40, "monochrome": 12}, "5_extra": {"ink wash": 2, "brush": 7}})
+    factories.write_tiny_lora(lora / "inkwash.safetensors", metadata={
+        "ss_base_model_version": "sd_v1", "ss_output_name": "InkWash", "ss_tag_frequency": frequency})
+    factories.write_tiny_lora(lora / "styles" / "neon.safetensors", seed=1)
+    (lora / "styles" / "neon.preview.png").write_bytes(b"\x89PNG fake")
+    (tmp_path / "embeddings").mkdir()
+    registry = ModelRegistry(ModelPaths(tmp_path / "models", tmp_path / "embeddings", tmp_path / "none"),
+                             HashCache(tmp_path / "cache.json"))
+    registry.refresh()
+    return registry
+
+
+def test_card_reads_kohya_metadata_preview_and_user_file(registry):
+    ink = build_card(registry.find("lora", "inkwash"))
+    assert (ink.alias, ink.base, ink.preview) == ("InkWash", "SD1", None)
+    assert ink.tags[:3] == (("ink wash", 42), ("monochrome", 12), ("brush", 7))
+    assert ink.trigger_words.startswith("ink wash, monochrome")
+    assert ink.prompt_tag() == "<lora:inkwash:1>"
+    neon_entry = registry.find("lora", "neon")
+    neon = build_card(neon_entry)
+    assert neon.base == "tiny-world" and neon.preview.name == "neon.preview.png"
+    save_user_metadata(neon_entry, activation_text="neon glow", preferred_weight="0.6", notes="night scenes")
+    saved = json.loads((neon_entry.path.parent / "neon.json").read_text())
+    assert saved == {"activation text": "neon glow", "preferred weight": 0.6, "notes": "night scenes"}
+    neon = build_card(neon_entry)
+    assert (neon.trigger_words, neon.notes, neon.prompt_tag()) == ("neon glow", "night scenes", "<lora:neon:0.6>")
+    with pytest.raises(ValueError, match="unknown card field"):
+        save_user_metadata(neon_entry, colour="red")
+
+
+def test_search_filters_by_words_and_base_and_caches_cards(registry):
+    catalog = CardCatalog()
+    entries = registry.loras()
+    assert [c.stem for c in catalog.search(entries, "monochrome")] == ["inkwash"]  # a training tag
+    assert [c.stem for c in catalog.search(entries, "", base="tiny-world")] == ["neon"]
+    assert [c.stem for c in catalog.search(entries, "NEON")] == ["neon"]
+    built = catalog.built
+    catalog.search(entries, "")
+    assert catalog.built == built  # both cards came from the cache
+    save_user_metadata(registry.find("lora", "inkwash"), notes="changed")
+    assert catalog.card(registry.find("lora", "inkwash")).notes == "changed"  # user file changed: rebuilt
+
+
+def test_two_thousand_cards_stay_fast(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    lora = tmp_path / "models" / "Lora"
+    lora.mkdir(parents=True)
+    for i in range(2000):
+        save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(lora / f"l{i:04}.safetensors"),
+                  metadata={"ss_tag_frequency": json.dumps({"a": {f"tag{i}": 1}})})
+    (tmp_path / "embeddings").mkdir()
+    registry = ModelRegistry(ModelPaths(tmp_path / "models", tmp_path / "embeddings", tmp_path / "none"),
+                             HashCache(tmp_path / "cache.json"))
+    start = time.perf_counter()
+    registry.refresh()
+    catalog = CardCatalog()
+    first_page = catalog.search(registry.loras(), "", limit=200)
+    assert len(first_page) == 200 and catalog.built == 200  # only what is shown is built
+    assert [c.stem for c in catalog.search(registry.loras(), "tag1999")] == ["l1999"]
+    assert time.perf_counter() - start < 20
+
+
+def test_top_tags_ignores_bad_json():
+    assert top_tags("{not json") == () and top_tags("") == ()
+
+
+@pytest.mark.parametrize("prompt, tag, expected", [
+    ("", "<lora:a:1>", "<lora:a:1>"),
+    ("a cat", "<lora:a:1>", "a cat <lora:a:1>"),
+    ("a cat <lora:a:0.5>", "<lora:a:1>", "a cat"),  # toggles off whatever its weight
+    ("a cat, <lora:b:1>", "<lora:a:1>", "a cat, <lora:b:1> <lora:a:1>"),
+    ("a cat easyneg", "easyneg", "a cat"),
+    ("a cat easyneg-v2", "easyneg", "a cat easyneg-v2 easyneg"),
+])
+def test_toggle_tag(prompt, tag, expected):
+    assert toggle_tag(prompt, tag) == expected
+
+
+def test_vae_preferences_per_checkpoint(tmp_path):
+    prefs = VaePreferences(tmp_path / "vae-preferences.json")
+    assert prefs.get("a.safetensors") is None
+    prefs.set("a.safetensors", "warm.safetensors")
+    prefs.set("b.safetensors", "None")
+    again = VaePreferences(tmp_path / "vae-preferences.json")
+    assert again.get("a.safetensors") == "warm.safetensors" and again.get("b.safetensors") == "None"
