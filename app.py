@@ -117,6 +117,8 @@ def launch_options(settings, auth=None) -> dict[str, Any]:
         "allowed_paths": allowed,
         "blocked_paths": blocked,
         "max_file_size": int(settings.max_upload_mb * (1 << 20)),
+        # Queued generation events wait in worker threads (ui/generation.DEVICE_EVENT_SLOTS of them).
+        "max_threads": 100,
         "show_error": True,
         # The REST API serves its own /openapi.json and /docs (behind its auth).
         "app_kwargs": {"openapi_url": None},

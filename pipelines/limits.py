@@ -16,6 +16,7 @@ class RequestLimits:
     max_steps: int = 150
     max_batch_images: int = 16
     max_upload_pixels: int = 4096 * 4096
+    max_prompt_chars: int = 20_000  # A1111 prompts rarely pass 2,000; megabytes only stall the tokenizer
 
     @classmethod
     def from_settings(cls, settings) -> "RequestLimits":
@@ -34,6 +35,11 @@ class RequestLimits:
         if request.total_images > self.max_batch_images:
             problems.append(f"batch count x batch size = {request.total_images} images is above this server's "
                             f"limit of {self.max_batch_images} (max_batch_images)")
+        for name in ("prompt", "negative_prompt"):
+            length = len(getattr(request, name))
+            if length > self.max_prompt_chars:
+                problems.append(f"{name.replace('_', ' ')} is {length} characters, above this server's limit of "
+                                f"{self.max_prompt_chars}; shorten it")
         for name in ("init_image", "mask"):
             image = getattr(request, name)
             if image is not None and image.width * image.height > self.max_upload_pixels:

@@ -7,7 +7,6 @@ allocating its 1.2 GB."""
 from __future__ import annotations
 
 import io
-import warnings
 
 from PIL import Image
 
@@ -16,21 +15,39 @@ DEFAULT_MAX_BYTES = 50 << 20
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 
+def check_image_file(path, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    """Refuse a file that is too big, not an image, or has too many pixels, reading only its
+    header (the pixels are decoded later by whoever uses it)."""
+    import os
+
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise ValueError(f"the image is {size >> 20} MB, above the {max_bytes >> 20} MB limit; send a smaller file")
+    with open(path, "rb") as handle:
+        _open_checked(handle, max_pixels).close()
+
+
+def _open_checked(stream, max_pixels: int) -> Image.Image:
+    try:
+        # Image.open reads only the header. PIL raises DecompressionBombError past twice its
+        # own global limit; below that our max_pixels check refuses before any decoding.
+        image = Image.open(stream, formats=FORMATS)
+    except Image.DecompressionBombError:
+        raise ValueError(f"the image has more than {max_pixels} pixels (a decompression bomb?); refused") from None
+    except Exception:  # PIL raises many types for data that is not an image
+        raise ValueError("this file is not a readable PNG, JPEG or WebP image") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ValueError(f"the image is {width}x{height}, more than the {max_pixels} pixels this server "
+                         "accepts; scale it down")
+    return image
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
     if len(data) > max_bytes:
         raise ValueError(f"the image is {len(data) >> 20} MB, above the {max_bytes >> 20} MB limit; send a smaller file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(f"the image has more than {max_pixels} pixels (a decompression bomb?); refused") from None
-    except Exception:  # PIL raises many types for data that is not an image
-        raise ValueError(f"the upload is not a readable image ({', '.join(FORMATS)})") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ValueError(f"the image is {width}x{height}, more than the {max_pixels} pixels this server "
-                         "accepts; scale it down")
+    image = _open_checked(io.BytesIO(data), max_pixels)
     try:
         image.load()
     except Exception:

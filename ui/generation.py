@@ -15,7 +15,7 @@ PREVIEW_INTERVAL_S = 0.3  # at most ~3 preview frames a second go over the webso
 QUEUE_POLL_S = 0.5  # how often a waiting job's queue position is refreshed
 # Generation events may all start at once: the job queue below orders them fairly between
 # users (Gradio's own queue is first-come) and one worker owns the device.
-DEVICE_EVENT_SLOTS = 16
+DEVICE_EVENT_SLOTS = 48
 
 
 def owner_of(request: Any) -> str:

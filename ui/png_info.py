@@ -7,9 +7,11 @@ import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
 from pipelines.metadata import parse_infotext, read_infotext
+from pipelines.uploads import check_image_file
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
+from ui.guarded_images import GuardedImage, guarded
 
 TAB = "png_info"
 NO_PARAMETERS = "No generation parameters found in this image."
@@ -19,6 +21,7 @@ def image_info(path: str | None) -> tuple[str, dict[str, Any]]:
     """(infotext, parsed fields) of the image file at `path`; ("", {}) for no image."""
     if not path:
         return "", {}
+    check_image_file(path)  # header only: non-images and decompression bombs are refused here
     try:
         with Image.open(path) as image:
             image.load()
@@ -34,9 +37,9 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
     with gr.Tab("PNG Info", id=TAB):
         with gr.Row(equal_height=False):
             with gr.Column():
-                reg.add(f"{TAB}.image", gr.Image(label="Source", type="filepath", image_mode=None,
+                reg.add(f"{TAB}.image", guarded(GuardedImage(label="Source", type="filepath", image_mode=None,
                                                  sources=["upload", "clipboard"], height=420,
-                                                 elem_id="png_info_image"))
+                                                 elem_id="png_info_image"), ctx.settings.max_upload_pixels))
             with gr.Column():
                 reg.add(f"{TAB}.infotext", gr.Textbox(label="Parameters", lines=6, interactive=False,
                                                       buttons=["copy"], elem_id="png_info_infotext"))

@@ -36,6 +36,8 @@ def test_limits_come_from_settings_and_name_every_problem():
         assert part in message
     with pytest.raises(ValueError, match=r"init image 65x64 has more pixels than this server accepts"):
         limits.check(GenerationRequest(task="img2img", init_image=Image.new("RGB", (65, 64))))
+    with pytest.raises(ValueError, match="negative prompt is 20001 characters, above this server's limit of 20000"):
+        limits.check(GenerationRequest(negative_prompt="x" * 20001))
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -55,7 +57,7 @@ def test_decode_refuses_bombs_before_decoding_and_non_images_and_big_files():
         decode_image(bomb)
     with pytest.raises(ValueError, match="8000x8000, more than the 16777216 pixels"):
         decode_image(png_bomb(8000, 8000))
-    with pytest.raises(ValueError, match="not a readable image"):
+    with pytest.raises(ValueError, match="not a readable PNG, JPEG or WebP image"):
         decode_image(b"%PDF-1.4 definitely not an image")
     with pytest.raises(ValueError, match="above the 1 MB limit"):
         decode_image(b"\0" * (2 << 20), max_bytes=1 << 20)
