@@ -35,7 +35,7 @@ def _open_checked(stream, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError:
         raise ValueError(f"the image has more than {max_pixels} pixels (a decompression bomb?); refused") from None
     except Exception:  # PIL raises many types for data that is not an image
-        raise ValueError("this file is not a readable PNG, JPEG or WebP image") from None
+        raise ValueError("the upload is not a readable image (PNG, JPEG or WebP)") from None
     width, height = image.size
     if width * height > max_pixels:
         image.close()

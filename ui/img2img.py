@@ -13,7 +13,7 @@ from ui.context import AppContext
 from ui.errors import user_error
 from ui.extension_slots import extension_accordions
 from ui.generation import owner_of, stream_job, wire_generate_buttons
-from ui.guarded_images import GuardedImage, GuardedImageEditor, guarded
+from ui.guarded_images import guard_uploads
 from ui.request_builder import IMG2IMG_FIELDS, IMG2IMG_MODES, INPAINT_AREAS, MODEL_FIELDS, img2img_request
 from ui.topbar import preset_for_checkpoint
 
@@ -47,19 +47,19 @@ def _source_images(reg: ComponentRegistry, max_pixels: int) -> None:
     with gr.Tabs(selected="img2img_source") as source_tabs:
         reg.add(f"{TAB}.source_tabs", source_tabs)
         with gr.Tab("img2img", id="img2img_source") as img2img_tab:
-            reg.add(f"{TAB}.init_image", guarded(GuardedImage(
+            reg.add(f"{TAB}.init_image", guard_uploads(gr.Image(
                 label="Image for img2img", type="pil", image_mode="RGB", format="png", height=420,
                 sources=["upload", "clipboard"], elem_id="img2img_init_image"), max_pixels))
             reg.add(f"{TAB}.send_to_inpaint", gr.Button("Send to inpaint", size="sm", elem_id="img2img_send_to_inpaint"))
         with gr.Tab("Inpaint", id="inpaint_source") as inpaint_tab:
-            reg.add(f"{TAB}.inpaint_image", guarded(GuardedImageEditor(
+            reg.add(f"{TAB}.inpaint_image", guard_uploads(gr.ImageEditor(
                 # RGBA: painted layers keep their alpha, which is what the mask is made of.
                 label="Paint the area to change", type="pil", image_mode="RGBA", format="png", height=420,
                 sources=["upload", "clipboard"], transforms=(), layers=False,
                 brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=16),
                 elem_id="img2img_inpaint_editor"), max_pixels))
             with gr.Accordion("Upload a mask instead (white = change)", open=False):
-                reg.add(f"{TAB}.mask", guarded(GuardedImage(label="Mask", type="pil", image_mode="L", format="png",
+                reg.add(f"{TAB}.mask", guard_uploads(gr.Image(label="Mask", type="pil", image_mode="L", format="png",
                                                 sources=["upload", "clipboard"], elem_id="img2img_mask"), max_pixels))
             with gr.Row():
                 reg.add(f"{TAB}.mask_blur", gr.Slider(0, 64, value=4, step=1, label="Mask blur",

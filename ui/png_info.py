@@ -11,7 +11,7 @@ from pipelines.uploads import check_image_file
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
-from ui.guarded_images import GuardedImage, guarded
+from ui.guarded_images import guard_uploads
 
 TAB = "png_info"
 NO_PARAMETERS = "No generation parameters found in this image."
@@ -37,7 +37,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
     with gr.Tab("PNG Info", id=TAB):
         with gr.Row(equal_height=False):
             with gr.Column():
-                reg.add(f"{TAB}.image", guarded(GuardedImage(label="Source", type="filepath", image_mode=None,
+                reg.add(f"{TAB}.image", guard_uploads(gr.Image(label="Source", type="filepath", image_mode=None,
                                                  sources=["upload", "clipboard"], height=420,
                                                  elem_id="png_info_image"), ctx.settings.max_upload_pixels))
             with gr.Column():

@@ -3,6 +3,7 @@ import base64
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -57,7 +58,7 @@ def test_decode_refuses_bombs_before_decoding_and_non_images_and_big_files():
         decode_image(bomb)
     with pytest.raises(ValueError, match="8000x8000, more than the 16777216 pixels"):
         decode_image(png_bomb(8000, 8000))
-    with pytest.raises(ValueError, match="not a readable PNG, JPEG or WebP image"):
+    with pytest.raises(ValueError, match=r"the upload is not a readable image \(PNG, JPEG or WebP\)"):
         decode_image(b"%PDF-1.4 definitely not an image")
     with pytest.raises(ValueError, match="above the 1 MB limit"):
         decode_image(b"\0" * (2 << 20), max_bytes=1 << 20)
@@ -78,3 +79,28 @@ def test_api_base64_images_go_through_the_guard():
     data["init_image"] = "not base64!!"
     with pytest.raises(ValueError, match="not valid base64"):
         GenerationRequest.from_dict(data)
+
+
+def test_guarded_gradio_inputs_refuse_bombs_and_non_images_with_a_short_error(tmp_path):
+    import copy
+
+    import gradio as gr
+    from gradio.data_classes import FileData
+
+    from ui.guarded_images import guard_uploads
+
+    image = guard_uploads(gr.Image(type="pil"), max_pixels=64 * 64)
+    bomb, junk, big, good = (tmp_path / n for n in ("bomb.png", "junk.png", "big.png", "good.png"))
+    bomb.write_bytes(png_bomb(20000, 20000))
+    junk.write_text("not an image")
+    Image.new("RGB", (65, 64)).save(big)
+    Image.new("RGB", (64, 64), (9, 8, 7)).save(good)
+    for path, message in ((bomb, "pixels"), (junk, "not a readable image"), (big, "65x64, more than the 4096 pixels")):
+        with pytest.raises(gr.Error, match=message) as raised:
+            image.preprocess(FileData(path=str(path)))
+        assert "\n" not in raised.value.message and str(tmp_path) not in raised.value.message
+    assert image.preprocess(FileData(path=str(good))).getpixel((0, 0)) == (9, 8, 7)
+    clone = copy.deepcopy(image)  # Gradio keeps per-session copies of components
+    with pytest.raises(gr.Error, match="pixels"):
+        clone.preprocess(FileData(path=str(bomb)))
+    assert not list(tmp_path.parent.glob("*.pyi")) and not list(Path(__file__).parents[2].glob("ui/*.pyi"))
