@@ -40,7 +40,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
     actions = actions_for(ctx)
     refusal = actions.server_refusal()  # the handlers check the user as well
     can_change = refusal is None
-    with gr.Tab("Extensions", id="extensions"):
+    with gr.Tab("Extensions", id="extensions") as tab:
         reg.add("extensions.access", gr.Markdown(_access_text(refusal), elem_id="extensions_access"))
         reg.add("extensions.table", gr.Dataframe(table(actions), headers=TABLE_HEADERS, interactive=False,
                                                  wrap=True, elem_id="extensions_table"))
@@ -83,7 +83,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
                 buttons["index_install"] = reg.add("extensions.index_install", gr.Button(
                     "Install from index", interactive=can_change, scale=1))
         reg.add("extensions.message", gr.Markdown("", elem_id="extensions_message"))
-    _wire(actions, reg, buttons)
+    _wire(actions, reg, buttons, tab)
 
 
 def _access_text(refusal: str | None) -> str:
@@ -118,7 +118,7 @@ def requirements_text(actions: ExtensionActions, name: str) -> str:
     return "\n".join(f"{r}{'   <- missing' if r in missing else ''}" for r in declared)
 
 
-def _wire(actions: ExtensionActions, reg: ComponentRegistry, buttons: dict) -> None:
+def _wire(actions: ExtensionActions, reg: ComponentRegistry, buttons: dict, tab: Any) -> None:
     private = dict(api_visibility="private")
     message, name = reg["extensions.message"], reg["extensions.name"]
 
@@ -170,6 +170,7 @@ def _wire(actions: ExtensionActions, reg: ComponentRegistry, buttons: dict) -> N
     buttons["index_install"].click(on_index_install, inputs=reg.many("extensions.index", "extensions.index_name"),
                                    outputs=outputs, **private)
     buttons["restart"].click(on_restart, outputs=[message], **private)
-    reg["extensions.refresh"].click(lambda: refreshed(""), outputs=outputs, **private, queue=False)
+    for trigger in (reg["extensions.refresh"].click, tab.select):  # what is on disk now
+        trigger(lambda: refreshed(""), outputs=outputs, **private, queue=False)
     name.change(lambda ext: requirements_text(actions, ext), inputs=[name],
                 outputs=[reg["extensions.requirements"]], **private, queue=False)
