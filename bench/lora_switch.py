@@ -102,7 +102,8 @@ def run(checkpoint: Path, switches: int, size: int, steps: int, device: torch.de
             components = {"unet": active.pipe.unet, "text_encoder": active.pipe.text_encoder}
             for seed, name in enumerate(("a", "b", "c")):
                 factories.write_tiny_lora(models / "Lora" / f"bench-{name}.safetensors", seed=seed, rank=8,
-                                          alpha=4.0, scale=0.05, components=components)
+                                          alpha=4.0, scale=0.05, components=components,
+                                          metadata={})  # no base tag: the keys and widths decide
         manager.registry.refresh()
         names = ["bench-a", "bench-b", "bench-c"]
         first_loads = [_timed(lambda n=n: _enter(manager, checkpoint.name, [LoraRequest(n, 1.0, 1.0)]))

@@ -70,6 +70,22 @@ def vae_table(registry) -> list[list[Any]]:
     return [[entry.name, entry.arch.value, round(entry.size / 2**20, 1)] for entry in registry.vaes()]
 
 
+def vae_from_infotext(registry, parsed: Any) -> str | None:
+    """The VAE choice an A1111 infotext names (`VAE` file name, else `VAE hash`), None when it
+    names none or one that is not here (the current choice then stays)."""
+    if not isinstance(parsed, dict):
+        return None
+    for key in ("VAE", "VAE hash"):
+        value = str(parsed.get(key) or "").strip()
+        if not value:
+            continue
+        try:
+            return registry.find("vae", value).name
+        except ValueError:
+            continue
+    return None
+
+
 def active_vae_text(manager) -> str:
     snap = manager.snapshot()
     if not snap.get("checkpoint"):
@@ -187,3 +203,17 @@ def _build_vae_tab(ctx: AppContext, reg: ComponentRegistry) -> None:
 
     reg["checkpoint"].change(recall, inputs=[reg["checkpoint"], reg["vae"]], outputs=[reg["vae"], choice],
                              queue=False, **private)
+
+
+def wire_paste(ctx: AppContext, reg: ComponentRegistry) -> None:
+    """PNG Info -> txt2img also brings the VAE back (LoRAs, embeddings and hypernetworks come
+    back with the prompt's tags and words)."""
+    if "png_info.send_to_txt2img" not in reg:
+        return
+
+    def paste(parsed: Any):
+        name = vae_from_infotext(ctx.registry, parsed)
+        return gr.skip() if name is None else name
+
+    reg["png_info.send_to_txt2img"].click(paste, inputs=[reg["png_info.parsed"]], outputs=[reg["vae"]],
+                                          api_visibility="private", queue=False)

@@ -41,6 +41,7 @@ def build_ui(ctx: AppContext) -> tuple[gr.Blocks, ComponentRegistry]:
         transfers.build(ctx, reg)
         hires_controls.wire_paste(reg)
         control_tab.wire_paste(ctx, reg)
+        extra_networks_tab.wire_paste(ctx, reg)
     # One device: generation events share the "device" concurrency group; the job queue
     # underneath orders them fairly between users and runs one at a time.
     blocks.queue(max_size=64)

@@ -132,12 +132,16 @@ def test_a_hundred_switches_keep_memory_flat_and_never_reload(engine):
 def test_resident_loras_are_capped_least_recently_used_first(lora_root, tmp_path):
     manager, _ = make_engine(lora_root, tmp_path)
     manager.loras.max_resident = 2
-    for name in ("style-a", "style-b", "style-a", "style-c"):
+    first_a = _image(manager, [LoraRequest("style-a", 0.8, 0.8)])
+    for name in ("style-b", "style-a", "style-c"):
         with manager.pipeline("txt2img", "tiny.safetensors", loras=(LoraRequest(name),)) as active:
             unet = active.pipe.unet
             adapter = active.loras[0].adapter
     resident = manager.loras.resident(unet)
     assert len(resident) == 2 and resident[-1] == adapter  # b was the least recently used: gone
+    assert manager.load_counts["lora"] == 3
+    # loading more adapters next to it never touched style-a's layers
+    assert np.array_equal(_image(manager, [LoraRequest("style-a", 0.8, 0.8)]), first_a)
     assert manager.load_counts["lora"] == 3
 
 

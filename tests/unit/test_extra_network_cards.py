@@ -103,3 +103,18 @@ def test_vae_preferences_per_checkpoint(tmp_path):
     prefs.set("b.safetensors", "None")
     again = VaePreferences(tmp_path / "vae-preferences.json")
     assert again.get("a.safetensors") == "warm.safetensors" and again.get("b.safetensors") == "None"
+
+
+def test_vae_from_infotext(tmp_path):
+    from ui.extra_networks_tab import vae_from_infotext
+
+    factories.write_tiny_vae(tmp_path / "models" / "VAE" / "warm.safetensors")
+    (tmp_path / "embeddings").mkdir()
+    registry = ModelRegistry(ModelPaths(tmp_path / "models", tmp_path / "embeddings", tmp_path / "none"),
+                             HashCache(tmp_path / "cache.json"))
+    registry.refresh()
+    shorthash = registry.shorthash(registry.find("vae", "warm.safetensors"))
+    assert vae_from_infotext(registry, {"VAE": "warm.safetensors", "VAE hash": shorthash}) == "warm.safetensors"
+    assert vae_from_infotext(registry, {"VAE": "renamed.safetensors", "VAE hash": shorthash}) == "warm.safetensors"
+    assert vae_from_infotext(registry, {"VAE": "gone.safetensors"}) is None
+    assert vae_from_infotext(registry, {"Steps": 20}) is None
