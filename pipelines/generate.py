@@ -104,12 +104,13 @@ def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[i
 
     if request.task == "txt2img":
         if refiner.wanted(request):
-            latents = refiner.run(manager, active, request, seeds, common, callback)
+            latents = refiner.run(manager, active, request, seeds, common, callback, prompts)
         else:
             latents = pipe(width=request.width, height=request.height, **common).images
         conditioning.finish()  # a hires pass encodes its own prompt
         if request.enable_hr and not cancel.cancelled:
-            return hires.run_second_pass(manager, active, request, latents, seeds, callback, decode_latents)
+            return hires.run_second_pass(manager, active, request, latents, seeds, callback, decode_latents,
+                                         prompts)
         return decode_latents(pipe.vae, latents)
 
     init = imageops.resize_image(request.init_image.convert("RGB"), request.width, request.height,

@@ -107,8 +107,10 @@ def infotext_params(request: Any) -> dict[str, Any]:
 
 
 def run_second_pass(manager: Any, active: Any, request: Any, latents: torch.Tensor, seeds: list[int],
-                    callback: Callable, decode: Callable[[Any, torch.Tensor], list[Image.Image]]) -> list[Image.Image]:
-    """The hires pass over a batch's first-pass latents; returns the final images."""
+                    callback: Callable, decode: Callable[[Any, torch.Tensor], list[Image.Image]],
+                    prompts: list | None = None) -> list[Image.Image]:
+    """The hires pass over a batch's first-pass latents; returns the final images. `prompts`:
+    the batch's per-image prompts (ImagePrompt: styles and wildcards applied), else the request's."""
     width, height = target_size(request)
     strength = request.denoising_strength
     steps = second_pass_steps(request)
@@ -128,17 +130,34 @@ def run_second_pass(manager: Any, active: Any, request: Any, latents: torch.Tens
     with _second_pass_pipeline(manager, active, request, latent_mode) as pipe:
         sampler = request.sampler if same_sampler(request.hr_sampler) else request.hr_sampler
         pipe.scheduler = samplers.make_scheduler(sampler, request.schedule, dict(pipe.scheduler.config), seed=seeds[0])
-        count = len(seeds)
         # diffusers runs int(N * strength) steps; A1111 runs exactly the hires steps.
         total = max(int(steps / min(strength, 0.999)), steps)
-        output = pipe(image=source, strength=strength, num_inference_steps=total,
-                      prompt=[request.hr_prompt or request.prompt] * count,
-                      negative_prompt=[request.hr_negative_prompt or request.negative_prompt] * count,
+        conditioning = _conditioning(pipe, request, prompts, len(seeds), steps)
+
+        def on_step_end(pipe_, step, timestep, tensors):
+            return {**(callback(pipe_, step, timestep, tensors) or {}), **conditioning.callback_outputs(pipe_, step)}
+
+        output = pipe(image=source, strength=strength, num_inference_steps=total, **conditioning.pipeline_kwargs(),
                       guidance_scale=request.cfg_scale,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                      output_type="latent", callback_on_step_end=callback,
-                      callback_on_step_end_tensor_inputs=["latents"]).images
+                      output_type="latent", callback_on_step_end=on_step_end,
+                      callback_on_step_end_tensor_inputs=["latents", *conditioning.tensor_inputs]).images
+        conditioning.finish()
         return decode(pipe.vae, output)
+
+
+def _conditioning(pipe: Any, request: Any, prompts: list | None, count: int, steps: int):
+    """The hires pass's prompts in the A1111 prompt language, encoded by the hires pipeline's
+    own text encoders (its checkpoint may differ); editing schedules count the hires steps."""
+    from pipelines.prompts.conditioning import build_conditioning
+
+    positives = [p.prompt for p in prompts] if prompts else [request.prompt] * count
+    negatives = [p.negative_prompt for p in prompts] if prompts else [request.negative_prompt] * count
+    if request.hr_prompt:
+        positives = [request.hr_prompt] * count
+    if request.hr_negative_prompt:
+        negatives = [request.hr_negative_prompt] * count
+    return build_conditioning(pipe, positives, negatives, steps=steps, clip_skip=getattr(request, "clip_skip", 1))
 
 
 @contextmanager

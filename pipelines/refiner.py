@@ -95,17 +95,23 @@ def refiner_pipeline(manager: Any, name: str, dtype: torch.dtype | None = None):
 
 
 def run(manager: Any, active: Any, request: Any, seeds: list[int], common: dict[str, Any],
-        callback: Callable) -> torch.Tensor:
-    """Base to `refiner_switch_at`, refiner from there; returns the final latents."""
+        callback: Callable, prompts: list | None = None) -> torch.Tensor:
+    """Base to `refiner_switch_at`, refiner from there; returns the final latents. The refiner
+    (one text encoder, pooled output) gets the prompt text with extra-network tags removed."""
+    from pipelines.prompts.extra_networks import extract_extra_networks
+
     if not active.arch.is_sdxl:
         raise ValueError("the refiner hands over SDXL latents; choose an SDXL base checkpoint")
+    pairs = ([(p.prompt, p.negative_prompt) for p in prompts] if prompts
+             else [(request.prompt, request.negative_prompt)] * len(seeds))
     switch = float(request.refiner_switch_at)
     latents = active.pipe(width=request.width, height=request.height, denoising_end=switch, **common).images
     with refiner_pipeline(manager, request.refiner_checkpoint) as pipe:
         pipe.scheduler = samplers.make_scheduler(request.sampler, request.schedule, dict(pipe.scheduler.config),
                                                  seed=seeds[0])
         return pipe(image=latents, denoising_start=switch, num_inference_steps=request.steps,
-                    prompt=[request.prompt] * len(seeds), negative_prompt=[request.negative_prompt] * len(seeds),
+                    prompt=[extract_extra_networks(positive)[0] for positive, _ in pairs],
+                    negative_prompt=[extract_extra_networks(negative)[0] for _, negative in pairs],
                     guidance_scale=request.cfg_scale,
                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                     output_type="latent", callback_on_step_end=callback,

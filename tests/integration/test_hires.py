@@ -83,3 +83,13 @@ def test_bad_hires_settings_are_refused():
     assert hires.target_size(request) == (256, 192)
     again = GenerationRequest.from_dict(request.to_dict())
     assert again == request and again.hr_resize_x == 256
+
+
+def test_hires_prompt_uses_the_prompt_language(engine):
+    """The hires pass encodes with A1111 syntax: `(text:1.0)` is `text`, not parentheses and digits."""
+    common = dict(enable_hr=True, hr_upscaler="Nearest", hr_scale=1.5, denoising_strength=0.6, hr_second_pass_steps=2)
+    weighted = generate(engine, None, tinyworld(hr_prompt="(a green circle:1.0)", **common)).images[0]
+    plain = generate(engine, None, tinyworld(hr_prompt="a green circle", **common)).images[0]
+    other = generate(engine, None, tinyworld(hr_prompt="(a green circle:1.6)", **common)).images[0]
+    assert weighted.tobytes() == plain.tobytes()
+    assert weighted.tobytes() != other.tobytes()

@@ -161,3 +161,24 @@ def test_merge_from_the_tab_lists_the_new_checkpoint_without_restart(tmp_path):
                                                     "output_name": "twice"}, lambda f, d: None)
     assert lora.parent == (data / "models" / "Lora").resolve()
     assert "twice.safetensors" in [e.name for e in ctx.registry.loras()]
+
+
+def test_lora_merged_equals_the_lora_tag_in_a_prompt(root, tmp_path):
+    """The same LoRA through the adapters lane's path (`<lora:name:w>` in the prompt, applied by
+    the engine) and merged into the checkpoint give the same image."""
+    from pipelines.generate import generate
+    from pipelines.request import GenerationRequest
+
+    lora = root / "models" / "Lora" / "l1.safetensors"
+    merger.merge_checkpoints(ckpt(root, "AL06.safetensors"), ckpt(root, "A.safetensors"),
+                             loras=[LoraWeight(lora, 0.6)])
+    manager, _ = make_engine(root, tmp_path)
+    common = dict(negative_prompt="", width=64, height=64, steps=3, cfg_scale=5, seed=9, sampler="Euler",
+                  save_images=False)
+    tagged = generate(manager, None, GenerationRequest(prompt="a red circle <lora:l1:0.6>", checkpoint="A",
+                                                       **common)).images[0]
+    merged = generate(manager, None, GenerationRequest(prompt="a red circle", checkpoint="AL06", **common)).images[0]
+    plain = generate(manager, None, GenerationRequest(prompt="a red circle", checkpoint="A", **common)).images[0]
+    as_array = lambda image: np.asarray(image, dtype=float)  # noqa: E731
+    assert np.abs(as_array(tagged) - as_array(plain)).max() > 10
+    assert np.abs(as_array(merged) - as_array(tagged)).max() <= 2
