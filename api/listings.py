@@ -1,7 +1,5 @@
 """The list endpoints (`sd-models`, `samplers`, `loras`, ...) in A1111's shapes, from the
 registry and the sampler tables. Functions of their inputs only, so each is testable alone.
-
-Integration point: prompt-styles waits for the prompts lane's styles.csv reader.
 """
 from __future__ import annotations
 
@@ -84,8 +82,12 @@ def latent_upscale_modes() -> list[dict[str, Any]]:
     return [{"name": name} for name in up.LATENT_MODES]
 
 
-def prompt_styles() -> list[dict[str, Any]]:
-    return []
+def prompt_styles(prompts: Any) -> list[dict[str, Any]]:
+    """data/styles.csv through the prompts lane's StyleStore (none when it is not wired)."""
+    store = getattr(prompts, "styles", None)
+    if store is None:
+        return []
+    return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in store.load()]
 
 
 def cmd_flags(settings: Any) -> dict[str, Any]:

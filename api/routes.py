@@ -150,7 +150,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
 
     @router.get("/prompt-styles", response_model=list[PromptStyleItem])
     def prompt_styles():
-        return listings.prompt_styles()
+        return listings.prompt_styles(getattr(ctx, "prompts", None))
 
     @router.get("/scripts", response_model=ScriptsList)
     def scripts_list():

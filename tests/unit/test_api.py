@@ -97,11 +97,15 @@ def ctx(tmp_path):
                             {"control_model.input_hint_block.0.weight": (16, 3, 3, 3),
                              "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)})
     settings = Settings(data_dir=tmp_path / "data", api=True)
+    (tmp_path / "data").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "data" / "styles.csv").write_text('name,prompt,negative_prompt\nnoir,"{prompt}, black and white",colour\n')
     paths = ModelPaths(models_dir=models, embeddings_dir=tmp_path / "data" / "embeddings",
                        builtin_dir=tmp_path / "no-builtin")
     registry = ModelRegistry(paths, HashCache(tmp_path / "data" / "cache.json"))
     registry.refresh()
-    return SimpleNamespace(settings=settings, registry=registry, manager=FakeManager(), jobs=FakeJobs())
+    from pipelines.prompts.source import PromptSource
+    return SimpleNamespace(settings=settings, registry=registry, manager=FakeManager(), jobs=FakeJobs(),
+                           prompts=PromptSource.for_data_dir(settings.data_dir))
 
 
 def make_client(ctx, credentials=()):
@@ -498,3 +502,15 @@ def test_controlnet_detect_errors_are_422(client):
                           ({"controlnet_module": "canny", "controlnet_images": ["/etc/passwd"]}, "file paths are not accepted")):
         response = client.post("/controlnet/detect", json=body)
         assert response.status_code == 422 and message in response.json()["detail"]
+
+
+def test_styles_and_clip_skip_reach_the_request(client, ctx):
+    assert client.get("/sdapi/v1/prompt-styles").json() == [
+        {"name": "noir", "prompt": "{prompt}, black and white", "negative_prompt": "colour"}]
+    body = {"width": 64, "height": 64, "styles": ["noir"], "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    request = ctx.jobs.submitted[0][1]
+    assert request.styles == ("noir",) and request.clip_skip == 2
+    client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 3})
+    client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64})
+    assert ctx.jobs.submitted[1][1].clip_skip == 3
