@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from fastapi import APIRouter, Body, Depends, Query
 
-from api import extension_routes, listings, mapping, scripts
+from api import extension_routes, extras, listings, mapping, scripts
 from api.images import ImageLimits, decode_image
 from api.models import (EmbeddingsResponse, HypernetworkItem, Img2ImgRequest, ImageResponse,
                         LatentUpscalerModeItem, LoraItem, PNGInfoRequest, PNGInfoResponse,
@@ -63,6 +63,8 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
         text = read_infotext(image) or ""
         items = {k: v for k, v in read_other_metadata(image).items()}
         return {"info": text, "items": items, "parameters": parse_infotext(text) if text else {}}
+
+    extras.add_routes(router, ctx, limits)
 
     @router.post("/interrupt")
     def interrupt(user: Optional[str] = Depends(authenticate)) -> dict:

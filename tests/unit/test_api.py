@@ -74,7 +74,10 @@ class FakeJobs:
 
 class FakeManager:
     def __init__(self):
+        import torch
+        from pipelines.cache import ModelCache
         self.loads, self.unloads = [], 0
+        self.cache, self.device, self.dtype = ModelCache(1 << 20), torch.device("cpu"), torch.float32
 
     def pipeline(self, task, checkpoint, vae="Automatic"):
         from contextlib import nullcontext
@@ -369,7 +372,7 @@ def test_every_route_needs_the_credentials(ctx):
     client = make_client(ctx, [AUTH])
     schema = client.get("/openapi.json", auth=AUTH).json()
     routes = [(method.upper(), path) for path, ops in schema["paths"].items() for method in ops]
-    assert len(routes) == 40  # 29 + 5 extension routes + 6 ControlNet; a missing route would answer 404, not 401
+    assert len(routes) == 42  # 31 + 5 extension routes + 6 ControlNet; a missing route would answer 404, not 401
     routes += [("GET", "/openapi.json"), ("GET", "/docs")]
     for method, path in routes:
         for headers in ({}, {"Authorization": ""}, {"Authorization": "Basic " + base64.b64encode(b"alice:wrong").decode()},
@@ -514,3 +517,25 @@ def test_styles_and_clip_skip_reach_the_request(client, ctx):
     client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 3})
     client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64})
     assert ctx.jobs.submitted[1][1].clip_skip == 3
+
+
+def test_extras_upscale_keeps_parameters_and_adds_postprocessing(client):
+    from pipelines.metadata import image_bytes_with_infotext
+
+    source = Image.new("RGB", (8, 4), "red")
+    source.paste((0, 0, 255), (0, 0, 4, 4))
+    b64 = base64.b64encode(image_bytes_with_infotext(source, "a cat\nSteps: 3, Sampler: Euler, Seed: 1", "png")).decode()
+    body = {"image": "data:image/png;base64," + b64, "upscaler_1": "Nearest", "upscaling_resize": 2}
+    data = client.post("/sdapi/v1/extra-single-image", json=body).json()
+    assert data["html_info"] == "Postprocess upscale by: 2, Postprocess upscaler: Nearest"
+    image = decode(data["image"])
+    expected = np.asarray(source).repeat(2, axis=0).repeat(2, axis=1)
+    assert np.array_equal(np.asarray(image.convert("RGB")), expected)
+    assert image.text["parameters"].startswith("a cat") and image.text["postprocessing"] == data["html_info"]
+    batch = client.post("/sdapi/v1/extra-batch-images", json={
+        "imageList": [{"data": b64, "name": "a.png"}, {"data": b64, "name": "b.png"}], "resize_mode": 1,
+        "upscaling_resize_w": 16, "upscaling_resize_h": 8, "upscaler_1": "Lanczos"}).json()
+    assert [decode(i).size for i in batch["images"]] == [(16, 8), (16, 8)]
+    bad = client.post("/sdapi/v1/extra-single-image", json={**body, "gfpgan_visibility": 1})
+    assert bad.status_code == 422 and "face restoration" in bad.json()["detail"]
+    assert client.post("/sdapi/v1/extra-batch-images", json={"imageList": []}).status_code == 422
