@@ -46,6 +46,11 @@ class AppliedLora:
     adapter: str  # the PEFT adapter name inside the model
 
 
+def requests_of(applied: list[AppliedLora]) -> tuple[LoraRequest, ...]:
+    """The requests that select `applied` again (e.g. for a second pass that re-enters the manager)."""
+    return tuple(LoraRequest(a.entry.name, a.te_weight, a.unet_weight) for a in applied)
+
+
 @dataclass
 class _CheckpointLoras:
     """What is resident in one loaded checkpoint's modules, least recently used first."""
