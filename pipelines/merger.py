@@ -1,7 +1,8 @@
 """Checkpoint merger: model + model, model + LoRA, LoRA + LoRA.
 
-Checkpoints are merged in the single-file (A1111 / LDM) key layout they are stored in, one
-tensor at a time, read from memory-mapped safetensors and streamed to the output file, so a
+Checkpoints are merged in the single-file (A1111 / LDM) key layout, one tensor at a time, read
+from memory-mapped files (`pipelines.merge_sources`: safetensors, weights-only .ckpt, SD1-family
+diffusers folders converted with ldm_convert) and streamed to the output file, so a
 merge needs about one tensor of RAM beyond what the OS maps. The output is a single-file
 .safetensors in the same layout with ModelSpec and an A1111-style merge recipe in its metadata.
 
@@ -24,6 +25,7 @@ import torch
 from pipelines import configs, probe
 from pipelines.arch import Arch
 from pipelines.ldm_convert import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, unet_to_ldm, vae_to_ldm
+from pipelines.merge_sources import ModelTensors, open_model
 from pipelines.safetensors_stream import TensorPlan, write_streaming
 
 WEIGHTED_SUM = "weighted sum"
@@ -68,38 +70,6 @@ def output_path(folder: Path, name: str, *, overwrite: bool = False) -> Path:
     return path
 
 
-# --- reading --------------------------------------------------------------------------------
-
-class _Tensors:
-    """A memory-mapped safetensors file: shapes from the header, tensors on demand."""
-
-    def __init__(self, path: Path, role: str) -> None:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if path.is_dir() or path.suffix.lower() != ".safetensors":
-            raise ValueError(f"{role} ({path.name}) is not a .safetensors file; the merger reads single-file "
-                             "safetensors only (convert .ckpt or diffusers folders first)")
-        try:
-            self.header = probe.read_safetensors_header(path)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{role} ({path.name}) cannot be read as safetensors: {exc}") from exc
-        self.path = path
-        self._file = safe_open(str(path), framework="pt", device="cpu")
-
-    def keys(self) -> list[str]:
-        return list(self.header.tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.header.tensors[key].shape)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._file.get_tensor(key)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.header.tensors
-
-
 # --- model + model (+ VAE, + LoRAs) -----------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -124,11 +94,11 @@ def merge_checkpoints(output: Path, primary: Path, secondary: Path | None = None
         raise ValueError(f"multiplier must be between -10 and 10, got {multiplier}")
     if method == ADD_DIFFERENCE and (secondary is None or tertiary is None):
         raise ValueError("add difference needs models A, B and C")
-    a = _Tensors(primary, "model A")
+    a = open_model(primary, "model A")
     arch = probe.probe_checkpoint(a.header)
     if arch is Arch.UNKNOWN:
         raise ValueError(f"model A ({a.path.name}) is not a checkpoint this merger knows (SD1/SD2/SDXL/tiny-world)")
-    others = {role: _Tensors(p, role) for role, p in (("model B", secondary), ("model C", tertiary)) if p is not None}
+    others = {role: open_model(p, role) for role, p in (("model B", secondary), ("model C", tertiary)) if p is not None}
     for role, other in others.items():
         other_arch = probe.probe_checkpoint(other.header)
         if other_arch is not arch:
@@ -167,13 +137,13 @@ def merge_checkpoints(output: Path, primary: Path, secondary: Path | None = None
                            progress=lambda done, total: progress(done / total, f"{done}/{total} tensors"))
 
 
-def _dtype(tensors: _Tensors, key: str) -> torch.dtype:
+def _dtype(tensors: ModelTensors, key: str) -> torch.dtype:
     names = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
     return names.get(tensors.header.tensors[key].dtype, torch.int64)
 
 
-def _combine(key: str, tensor: torch.Tensor, b: _Tensors, c: _Tensors | None, method: str,
+def _combine(key: str, tensor: torch.Tensor, b: ModelTensors, c: ModelTensors | None, method: str,
              multiplier: float) -> torch.Tensor:
     if key not in b or b.shape(key) != tuple(tensor.shape):
         return tensor  # a key only A has (or of another shape): A's value, as A1111 does
@@ -186,9 +156,9 @@ def _combine(key: str, tensor: torch.Tensor, b: _Tensors, c: _Tensors | None, me
     return tensor.float() + (theta_b - c.get(key).float()) * multiplier
 
 
-def _baked_vae(path: Path, a: _Tensors) -> dict[str, torch.Tensor]:
+def _baked_vae(path: Path, a: ModelTensors) -> dict[str, torch.Tensor]:
     """The VAE file's tensors under A's `first_stage_model.` keys (LDM or diffusers layout)."""
-    vae = _Tensors(path, "VAE")
+    vae = open_model(path, "VAE")
     state = {k: vae.get(k) for k in vae.keys()}
     if any(k.startswith("encoder.down_blocks.") or k.startswith("decoder.up_blocks.") for k in state):
         state = vae_to_ldm(state)
@@ -204,13 +174,13 @@ def _baked_vae(path: Path, a: _Tensors) -> dict[str, torch.Tensor]:
     return baked
 
 
-def _model_info(tensors: _Tensors | None) -> dict | None:
+def _model_info(tensors: ModelTensors | None) -> dict | None:
     if tensors is None:
         return None
     return {"name": tensors.path.name, "title": tensors.header.metadata.get("modelspec.title", tensors.path.stem)}
 
 
-def _checkpoint_metadata(a: _Tensors, arch: Arch, output: Path, recipe: dict) -> dict[str, str]:
+def _checkpoint_metadata(a: ModelTensors, arch: Arch, output: Path, recipe: dict) -> dict[str, str]:
     metadata = {k: v for k, v in a.header.metadata.items() if k.startswith("modelspec.")}
     metadata.update({
         "modelspec.sai_model_spec": "1.0.0",
@@ -250,7 +220,7 @@ class LoraModule:
 
 def read_lora(path: Path) -> dict[str, LoraModule]:
     """Kohya LoRA modules by name (`lora_unet_...`); other LoRA kinds are refused by name."""
-    tensors = _Tensors(path, "LoRA")
+    tensors = open_model(path, "LoRA")
     modules: dict[str, LoraModule] = {}
     names = {k.split(".", 1)[0] for k in tensors.keys()}
     for name in sorted(names):
@@ -296,7 +266,7 @@ def _unet_key_pairs(arch: Arch) -> Iterator[tuple[str, str]]:
     return zip(converted.keys(), state.keys())
 
 
-def lora_deltas(a: _Tensors, arch: Arch, loras: Sequence[LoraWeight]) -> dict[str, Callable[[], torch.Tensor]]:
+def lora_deltas(a: ModelTensors, arch: Arch, loras: Sequence[LoraWeight]) -> dict[str, Callable[[], torch.Tensor]]:
     """Checkpoint key -> a function computing the summed LoRA change for that weight (lazy, so
     only one module's delta is in memory at a time)."""
     table = kohya_names(a.keys(), arch)

@@ -182,3 +182,24 @@ def test_lora_merged_equals_the_lora_tag_in_a_prompt(root, tmp_path):
     as_array = lambda image: np.asarray(image, dtype=float)  # noqa: E731
     assert np.abs(as_array(tagged) - as_array(plain)).max() > 10
     assert np.abs(as_array(merged) - as_array(tagged)).max() <= 2
+
+
+def test_diffusers_folder_and_ckpt_inputs_are_read_under_single_file_keys(root, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.configs import load_tokenizer
+
+    parts = factories.tiny_components(seed=0)
+    folder = tmp_path / "A-diffusers"
+    StableDiffusionPipeline(**parts, tokenizer=load_tokenizer(), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    a = tensors(ckpt(root, "A.safetensors"))  # the same seed written as a single file
+    from_folder = tensors(merger.merge_checkpoints(tmp_path / "f.safetensors", folder))
+    assert sorted(from_folder) == sorted(a)
+    assert all(torch.equal(from_folder[k], a[k]) for k in a)
+    assert metadata(tmp_path / "f.safetensors")["modelspec.architecture"] == "easel/tiny-world-v1"
+
+    b = tensors(ckpt(root, "B.safetensors"))
+    torch.save({"state_dict": b}, tmp_path / "B.ckpt")
+    at1 = tensors(merger.merge_checkpoints(tmp_path / "g.safetensors", folder, tmp_path / "B.ckpt", multiplier=1.0))
+    assert all(torch.equal(at1[k], b[k]) for k in b if not k.startswith(VAE_PREFIX))
