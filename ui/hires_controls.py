@@ -100,3 +100,31 @@ def wire_paste(reg: ComponentRegistry, tab: str = "txt2img") -> None:
     reg["png_info.send_to_txt2img"].click(paste, inputs=[reg["png_info.parsed"]],
                                           outputs=[reg[f"{tab}.{f}"] for f in PASTE_FIELDS],
                                           api_visibility="private", queue=False)
+
+
+def wire_refresh(ctx: AppContext, reg: ComponentRegistry, tab: str = "txt2img") -> None:
+    """The top bar's Refresh also updates this lane's lists: upscaler models (hires, Extras), the
+    hires / refiner checkpoints and the merger's model and VAE lists. One listener rescans once
+    (listeners of one click run independently, so it cannot rely on the top bar's rescan)."""
+    from ui import merger_tab
+
+    p = f"{tab}."
+    extras = [n for n in ("extras.upscaler_1", "extras.upscaler_2") if n in reg]
+    merger = [n for n in ("merger.primary", "merger.secondary", "merger.tertiary", "merger.vae") if n in reg]
+
+    def refresh():
+        ctx.registry.refresh()
+        models_dir = ctx.registry.paths.models_dir
+        checkpoints = checkpoint_choices(ctx.registry)
+        updates = [gr.update(choices=upscalers.upscaler_names(models_dir, latent=True)),
+                   gr.update(choices=[hires.SAME_CHECKPOINT] + checkpoints),
+                   gr.update(choices=[NO_REFINER] + refiner_choices(ctx))]
+        updates += [gr.update(choices=upscalers.upscaler_names(models_dir))] * len(extras)
+        if merger:
+            vaes = [merger_tab.KEEP_A_VAE] + [e.name for e in ctx.registry.vaes()]
+            updates += ([gr.update(choices=checkpoints)] + [gr.update(choices=[merger_tab.NO_MODEL] + checkpoints)] * 2
+                        + [gr.update(choices=vaes)])
+        return updates
+
+    outputs = reg.many(p + "hr_upscaler", p + "hr_checkpoint", p + "refiner_checkpoint", *extras, *merger)
+    reg["refresh_models"].click(refresh, outputs=outputs, api_visibility="private", queue=False)

@@ -40,6 +40,7 @@ def build_ui(ctx: AppContext) -> tuple[gr.Blocks, ComponentRegistry]:
         merger_tab.wire(ctx, reg)
         transfers.build(ctx, reg)
         hires_controls.wire_paste(reg)
+        hires_controls.wire_refresh(ctx, reg)
         control_tab.wire_paste(ctx, reg)
         extra_networks_tab.wire_paste(ctx, reg)
     # One device: generation events share the "device" concurrency group; the job queue

@@ -384,3 +384,24 @@ def test_hires_and_refiner_fields_come_back_from_an_infotext():
     assert (values["refiner_checkpoint"], values["refiner_switch_at"]) == ("base [abc]", 0.6)
     plain = fields_from_infotext(parse_infotext("a cat\nSteps: 4, Sampler: Euler, Seed: 5, Size: 64x64"))
     assert plain == {"enable_hr": False, "refiner_checkpoint": ""}
+
+
+def test_refresh_lists_new_upscalers_and_checkpoints_in_this_lanes_dropdowns(tmp_path):
+    import gradio as gr
+
+    from tests.upscaler_factory import write_tiny_esrgan
+    from ui.layout import build_ui
+
+    data = tmp_path / "data"
+    factories.write_tiny_checkpoint(data / "models" / "Stable-diffusion" / "a.safetensors")
+    ctx = app.build_context(Settings(data_dir=data))
+    blocks, reg = build_ui(ctx)
+    write_tiny_esrgan(data / "models" / "ESRGAN" / "2x-new.pth")
+    factories.write_tiny_checkpoint(data / "models" / "Stable-diffusion" / "b.safetensors", seed=1)
+    [refresh] = [fn for fn in blocks.fns.values() if fn.fn.__qualname__.startswith("wire_refresh")]
+    updates = dict(zip([block._id for block in refresh.outputs], refresh.fn()))
+    assert "2x-new" in updates[reg["txt2img.hr_upscaler"]._id]["choices"]
+    assert "2x-new" in updates[reg["extras.upscaler_1"]._id]["choices"]
+    assert "b.safetensors" in updates[reg["merger.primary"]._id]["choices"]
+    assert "b.safetensors" in updates[reg["txt2img.hr_checkpoint"]._id]["choices"]
+    assert isinstance(blocks, gr.Blocks)
