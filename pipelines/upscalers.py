@@ -107,8 +107,15 @@ class Upscalers:
             raise ValueError(f"{name} works on latents, only in hires fix; choose Lanczos or a model here")
         model = self.model(name)
         current = image
-        while current.width < width or current.height < height:
-            current = run_tiled(model, current, self.tile, self.overlap, self.device, self.dtype)
+        try:
+            while current.width < width or current.height < height:
+                previous = current.size
+                current = run_tiled(model, current, self.tile, self.overlap, self.device, self.dtype)
+                if current.size[0] <= previous[0]:
+                    break  # a 1x model (denoise/restore): once, then Lanczos to the size
+        finally:
+            if self.device.type != "cpu":
+                model.to("cpu")  # the cache holds it in RAM; the device is the checkpoint's
         if current.size != (width, height):
             current = current.resize((width, height), Image.LANCZOS)
         return current

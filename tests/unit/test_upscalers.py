@@ -34,6 +34,12 @@ def test_tiny_esrgan_file_loads_and_doubles_the_size(tmp_path, name, old_layout)
     assert np.asarray(out).std() > 0
 
 
+def test_a_1x_model_runs_once_then_lanczos(tmp_path):
+    write_tiny_esrgan(tmp_path / "ESRGAN" / "1x-denoise.pth", scale=1)
+    tool = upscalers.Upscalers(tmp_path, ModelCache(1 << 26), torch.device("cpu"))
+    assert tool.upscale(gradient(), 80, 72, "1x-denoise").size == (80, 72)
+
+
 def test_x4_and_unshuffled_x2_layouts(tmp_path):
     path = write_tiny_esrgan(tmp_path / "RealESRGAN" / "x4.pth", scale=4, old_layout=True)
     assert upscalers.load_upscaler_model(path).scale == 4
