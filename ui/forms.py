@@ -7,6 +7,7 @@ import gradio as gr
 
 from pipelines import samplers
 from pipelines.request import MAX_SEED
+from ui import prompt_tools
 from ui.components import ComponentRegistry
 from ui.generation import infotext_at
 from ui.presets import Preset
@@ -19,8 +20,10 @@ def prompt_area(reg: ComponentRegistry, tab: str) -> None:
             reg.add(f"{tab}.prompt", gr.Textbox("", label="Prompt", lines=3, max_lines=12,
                                                 placeholder="a watercolor fox in a snowy forest",
                                                 elem_id=f"{tab}_prompt"))
+            prompt_tools.token_counters(reg, tab, "prompt")
             reg.add(f"{tab}.negative_prompt", gr.Textbox("", label="Negative prompt", lines=2, max_lines=12,
                                                          elem_id=f"{tab}_negative_prompt"))
+            prompt_tools.token_counters(reg, tab, "negative_prompt")
         with gr.Column(scale=1, min_width=160):
             reg.add(f"{tab}.generate", gr.Button("Generate", variant="primary", size="lg",
                                                  elem_id=f"{tab}_generate"))

@@ -88,6 +88,8 @@ def generation_info(request: GenerationRequest, result: GenerationResult) -> dic
         "cfg_scale": request.cfg_scale,
         "width": request.width,
         "height": request.height,
+        "styles": list(request.styles),
+        "clip_skip": request.clip_skip,
         "seed": result.seeds[0] if result.seeds else request.seed,
         "seeds": list(result.seeds),
         "infotexts": list(result.infotexts),

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from pipelines.request import RESIZE_MODES
-from ui import control_tab, forms
+from ui import control_tab, forms, prompt_tools
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
@@ -24,6 +24,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
     preset = preset_for_checkpoint(ctx, reg["checkpoint"].value)
     with gr.Tab("img2img", id=TAB):
         forms.prompt_area(reg, TAB)
+        prompt_tools.build(ctx, reg, TAB)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 _source_images(reg, ctx.settings.max_upload_pixels)
@@ -38,6 +39,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
             with gr.Column(scale=1):
                 forms.results_panel(reg, TAB, {})
     forms.wire_form(reg, TAB)
+    prompt_tools.wire(ctx, reg, TAB)
     _wire_generate(ctx, reg)
 
 

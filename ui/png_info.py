@@ -17,8 +17,9 @@ TAB = "png_info"
 NO_PARAMETERS = "No generation parameters found in this image."
 
 
-def image_info(path: str | None) -> tuple[str, dict[str, Any]]:
-    """(infotext, parsed fields) of the image file at `path`; ("", {}) for no image."""
+def image_info(path: str | None, styles: Any = None) -> tuple[str, dict[str, Any]]:
+    """(infotext, parsed fields) of the image file at `path`; ("", {}) for no image. With a
+    StyleStore, styles found in the prompts are taken back out and listed as "Styles array"."""
     if not path:
         return "", {}
     check_image_file(path)  # header only: non-images and decompression bombs are refused here
@@ -30,7 +31,12 @@ def image_info(path: str | None) -> tuple[str, dict[str, Any]]:
         raise ValueError("this file is not a readable PNG, JPEG or WebP image") from exc
     if not text:
         return NO_PARAMETERS, {}
-    return text, parse_infotext(text)
+    parsed = parse_infotext(text)
+    if styles is not None:
+        found, prompt, negative = styles.extract(parsed["Prompt"], parsed["Negative prompt"])
+        if found:
+            parsed.update({"Prompt": prompt, "Negative prompt": negative, "Styles array": found})
+    return text, parsed
 
 
 def build(ctx: AppContext, reg: ComponentRegistry) -> None:
@@ -53,7 +59,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         Easel and its parsed fields (Prompt, Negative prompt, Steps, Sampler, Size-1, ...).
         """
         try:
-            return image_info(image)
+            return image_info(image, ctx.prompts.styles if ctx.prompts is not None else None)
         except ValueError as exc:
             raise user_error(exc) from exc
 

@@ -12,9 +12,10 @@ from ui.context import AppContext
 # Form field -> infotext key (A1111 parse_generation_parameters names).
 INFOTEXT_KEYS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "steps": "Steps",
                  "sampler": "Sampler", "schedule": "Schedule type", "cfg_scale": "CFG scale",
-                 "seed": "Seed", "width": "Size-1", "height": "Size-2"}
+                 "seed": "Seed", "width": "Size-1", "height": "Size-2", "styles": "Styles array",
+                 "clip_skip": "Clip skip"}
 FORM_FIELDS = tuple(INFOTEXT_KEYS)
-_NUMBERS = {"steps": int, "seed": int, "width": int, "height": int, "cfg_scale": float}
+_NUMBERS = {"steps": int, "seed": int, "width": int, "height": int, "cfg_scale": float, "clip_skip": int}
 
 
 def fields_from_infotext(parsed: Mapping[str, Any]) -> dict[str, Any]:

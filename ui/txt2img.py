@@ -5,7 +5,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from ui import control_tab, forms, hires_controls
+from ui import control_tab, forms, hires_controls, prompt_tools
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
@@ -21,6 +21,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
     preset = preset_for_checkpoint(ctx, reg["checkpoint"].value)
     with gr.Tab("txt2img", id=TAB):
         forms.prompt_area(reg, TAB)
+        prompt_tools.build(ctx, reg, TAB)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 forms.sampling_controls(reg, TAB, preset)
@@ -30,6 +31,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
             with gr.Column(scale=1):
                 forms.results_panel(reg, TAB, {"send_to_img2img": "Send to img2img"})
     forms.wire_form(reg, TAB)
+    prompt_tools.wire(ctx, reg, TAB)
 
     def txt2img(request: gr.Request, progress=gr.Progress(), **values: Any) -> Iterator[tuple]:
         """Generate images from a prompt.
@@ -41,6 +43,8 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         Hires fix (A1111 names): enable_hr, hr_scale, hr_upscaler ("Latent", "Lanczos", a model...),
         hr_second_pass_steps, hr_resize_x/y, hr_checkpoint, hr_sampler, hr_prompt, hr_negative_prompt,
         denoising_strength; SDXL refiner: refiner_checkpoint, refiner_switch_at.
+        Prompt tools: styles (names from data/styles.csv, applied in order), clip_skip (1..12),
+        wildcard_mode ("random" or "combinatorial": how {a|b} and __name__ wildcards fill a batch).
         Returns the gallery images (PNG files with A1111 infotext) and a JSON object with the
         request, the seeds, the infotexts and the saved paths.
         """
