@@ -167,14 +167,16 @@ def _second_pass_pipeline(manager: Any, active: Any, request: Any, latent_mode: 
         yield loading.pipeline_class(active.arch, "img2img").from_pipe(active.pipe, torch_dtype=manager.dtype)
         return
     loras = requests_of(getattr(active, "loras", []))  # the request's LoRAs apply to both passes (A1111)
-    with manager.pipeline("img2img", request.hr_checkpoint, request.vae, loras=loras) as hires_active:
-        if latent_mode and hires_active.arch.is_sdxl != active.arch.is_sdxl:
-            raise ValueError("a latent hires upscaler needs a hires checkpoint of the same family; "
-                             "choose Lanczos or a model upscaler")
-        yield hires_active.pipe
-    # Put the first-pass model back on the device for the next batch (a cache hit, no load).
-    with manager.pipeline(request.task, request.checkpoint, request.vae, loras=loras):
-        pass
+    try:
+        with manager.pipeline("img2img", request.hr_checkpoint, request.vae, loras=loras) as hires_active:
+            if latent_mode and hires_active.arch.is_sdxl != active.arch.is_sdxl:
+                raise ValueError("a latent hires upscaler needs a hires checkpoint of the same family; "
+                                 "choose Lanczos or a model upscaler")
+            yield hires_active.pipe
+    finally:
+        # The first-pass model back on the device for the next batch (a cache hit, no load). Not a
+        # second pipeline() on it: its LoRA selection (fused or not) belongs to the outer block.
+        manager.reactivate(active)
 
 
 def _number(value: float):

@@ -120,6 +120,12 @@ class PipelineManager:
                 for key in keys:
                     self.cache.unlock(key)
 
+    def reactivate(self, active: ActivePipeline) -> None:
+        """Put `active`'s checkpoint back on the device after a nested pipeline() for another
+        checkpoint (a hires pass with its own model) moved it off; a cache hit, no load."""
+        with self._lock:
+            self._activate_checkpoint(active.checkpoint)
+
     def unload(self) -> None:
         """Move everything off the device (A1111 'unload checkpoint')."""
         with self._lock:

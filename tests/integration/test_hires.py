@@ -22,6 +22,7 @@ def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("hires")
     factories.write_tiny_checkpoint(root / "models" / "Stable-diffusion" / "other.safetensors", seed=3)
     write_tiny_esrgan(root / "models" / "ESRGAN" / "2x-tiny.pth", scale=2, old_layout=True)
+    factories.write_tiny_lora(root / "models" / "Lora" / "tl.safetensors", seed=2)
     builtin_dir = Settings(data_dir=root / "data").paths().builtin_dir
     manager, _ = make_engine(root, root / "data", builtin_dir=builtin_dir)
     return manager
@@ -93,3 +94,14 @@ def test_hires_prompt_uses_the_prompt_language(engine):
     other = generate(engine, None, tinyworld(hr_prompt="(a green circle:1.6)", **common)).images[0]
     assert weighted.tobytes() == plain.tobytes()
     assert weighted.tobytes() != other.tobytes()
+
+
+def test_a_hires_checkpoint_leaves_the_first_pass_model_and_its_lora_for_the_next_batch(engine):
+    common = dict(prompt=BASE["prompt"] + " <lora:tl:1>", enable_hr=True, hr_upscaler="Nearest", hr_scale=1.5,
+                  denoising_strength=0.5, hr_second_pass_steps=2, hr_checkpoint="other")
+    two = generate(engine, None, tinyworld(batch_count=2, **common))
+    second_alone = generate(engine, None, tinyworld(seed=BASE["seed"] + 1, **common))
+    assert two.seeds == [BASE["seed"], BASE["seed"] + 1]
+    assert two.images[1].tobytes() == second_alone.images[0].tobytes()
+    without_lora = generate(engine, None, tinyworld(seed=BASE["seed"] + 1, **{**common, "prompt": BASE["prompt"]}))
+    assert without_lora.images[0].tobytes() != second_alone.images[0].tobytes()
