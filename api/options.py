@@ -48,6 +48,11 @@ class ApiOptions:
         for key in CHANGEABLE:
             if key in stored:
                 self._values[key] = stored[key]
+        if not self._values[CHECKPOINT]:
+            # Pinned at start-up, as A1111 does: a checkpoint added later (a merge) that sorts
+            # first must not silently become what API requests use.
+            default = registry.default_checkpoint()
+            self._values[CHECKPOINT] = default.name if default is not None else None
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -328,13 +328,11 @@ def test_lists_have_a1111_shapes(client, ctx):
     assert "ram" in client.get("/sdapi/v1/memory").json()
 
 
-def test_png_info_reads_infotext_and_parses_it():
+def test_png_info_reads_infotext_and_parses_it(client):
     text = "a cat\nNegative prompt: dog\nSteps: 3, Sampler: Euler a, CFG scale: 5, Seed: 9, Size: 64x32"
     from pipelines.metadata import image_bytes_with_infotext
     png = base64.b64encode(image_bytes_with_infotext(Image.new("RGB", (64, 32)), text, "png")).decode()
-    app_client = None
-    ctx = SimpleNamespace(settings=Settings(), registry=None, manager=None, jobs=FakeJobs())
-    app_client = make_client(ctx)
+    app_client = client
     data = app_client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + png}).json()
     assert data["info"] == text
     assert (data["parameters"]["Prompt"], data["parameters"]["Seed"], data["parameters"]["Size-1"]) == ("a cat", "9", "64")
@@ -539,3 +537,13 @@ def test_extras_upscale_keeps_parameters_and_adds_postprocessing(client):
     bad = client.post("/sdapi/v1/extra-single-image", json={**body, "gfpgan_visibility": 1})
     assert bad.status_code == 422 and "face restoration" in bad.json()["detail"]
     assert client.post("/sdapi/v1/extra-batch-images", json={"imageList": []}).status_code == 422
+
+
+def test_the_default_checkpoint_is_pinned_at_start(client, ctx):
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "sd15.safetensors"
+    models = ctx.settings.data_dir / "models" / "Stable-diffusion"
+    stripped.write_stripped(models / "a-merge.safetensors", stripped.sd1_layout())  # sorts first
+    ctx.registry.refresh()
+    assert ctx.registry.default_checkpoint().name == "a-merge.safetensors"
+    client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64})
+    assert ctx.jobs.submitted[0][1].checkpoint == "sd15.safetensors"
