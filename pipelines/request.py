@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from PIL import Image
 
 from pipelines import hires, refiner, samplers
-from pipelines.control.units import ControlUnit
+from pipelines.control.units import ControlUnit, normalize_gligen_boxes
 
 TASKS = ("txt2img", "img2img", "inpaint")
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
@@ -50,6 +50,8 @@ class GenerationRequest:
     inpainting_mask_invert: bool = False
     save_images: bool = True
     control_units: tuple[ControlUnit, ...] = ()
+    gligen_model: str = ""  # models/gligen file; with gligen_boxes: (phrase, x0, y0, x1, y1) fractions
+    gligen_boxes: tuple[tuple[str, float, float, float, float], ...] = ()
     # hires fix and SDXL refiner (A1111 API names; pipelines/hires.py, pipelines/refiner.py)
     enable_hr: bool = False
     hr_scale: float = 2.0
@@ -77,6 +79,7 @@ class GenerationRequest:
         object.__setattr__(self, "resize_mode", _resize_mode_name(self.resize_mode))
         object.__setattr__(self, "control_units", _control_units(self.control_units))
         object.__setattr__(self, "styles", tuple(self.styles))
+        object.__setattr__(self, "gligen_boxes", normalize_gligen_boxes(self.gligen_boxes))
 
     def _problems(self):
         if self.task not in TASKS:

@@ -157,3 +157,40 @@ def write_t2i_adapter(path: Path, adapter, layout: str = "diffusers") -> Path:
         k: v.contiguous() for k, v in adapter.state_dict().items()}
     save_file(state, str(path))
     return path
+
+
+def tiny_gligen_state(unet, text_hidden: int, seed: int = 0, gate: float = 3.0, ldm_names: bool = True):
+    """A random GLIGEN file for `unet`: position net + one fuser per transformer block, with open
+    gates (a trained GLIGEN's are non-zero; fresh ones are 0 and would change nothing)."""
+    from diffusers.models.attention import BasicTransformerBlock, GatedSelfAttentionDense
+    from diffusers.models.embeddings import GLIGENTextBoundingboxProjection
+
+    from pipelines.control.gligen import _ldm_block_names
+
+    state = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        position = GLIGENTextBoundingboxProjection(positive_len=text_hidden, out_dim=unet.config.cross_attention_dim)
+        state |= {f"position_net.{k}": v for k, v in position.state_dict().items()}
+        blocks = {n: m for n, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)}
+        names = _ldm_block_names(unet, list(blocks)) if ldm_names else {n: n for n in blocks}
+        for name, block in blocks.items():
+            dim, heads = block.attn1.query_dim, block.attn1.heads
+            fuser = GatedSelfAttentionDense(dim, unet.config.cross_attention_dim, heads, dim // heads)
+            with torch.no_grad():
+                fuser.alpha_attn.fill_(gate)
+                fuser.alpha_dense.fill_(gate)
+                for layer in (fuser.attn.to_out[0], fuser.ff.net[2]):  # louder than the default init
+                    layer.weight.mul_(8)
+            prefix = ("model.diffusion_model." if ldm_names else "") + names[name]
+            state |= {f"{prefix}.fuser.{k}": v for k, v in fuser.state_dict().items()}
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def write_tiny_gligen(models_dir: Path, unet, text_hidden: int, name: str = "gligen_tiny.safetensors") -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(models_dir) / "gligen" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tiny_gligen_state(unet, text_hidden), str(path))
+    return path

@@ -13,6 +13,7 @@ import gradio as gr
 
 from pipelines.control import CONTROL_MODES, RESIZE_MODES, preprocessors
 from pipelines.control.apply import pixel_perfect_resolution
+from pipelines.control.gligen import gligen_files
 from pipelines.control.ip_adapter import ip_adapter_entry, ip_adapter_files
 from pipelines.control.models import family_of_arch, family_of_entry, model_kind
 from pipelines.control.units import NO_MODEL, units_from_infotext
@@ -29,9 +30,12 @@ def unit_count(ctx: AppContext) -> int:
     return int(getattr(ctx.settings, "control_net_unit_count", 3))
 
 
+GLIGEN_FIELDS = ("gligen_model", "gligen_boxes")
+
+
 def fields(ctx: AppContext) -> tuple[str, ...]:
-    """The tab form fields the Generate handler takes for the units."""
-    return control_fields(unit_count(ctx))
+    """The tab form fields the Generate handler takes for the units (and GLIGEN)."""
+    return control_fields(unit_count(ctx)) + GLIGEN_FIELDS
 
 
 def optional_images(ctx: AppContext, handler: Callable) -> Callable:
@@ -106,6 +110,17 @@ def build(ctx: AppContext, reg: ComponentRegistry, tab: str) -> None:
                     _unit(reg, tab, index, choices)
     for index in range(unit_count(ctx)):
         _wire_unit(ctx, reg, tab, index)
+    with gr.Accordion("GLIGEN", open=False, elem_id=f"{tab}_gligen"):
+        with gr.Row():
+            reg.add(f"{tab}.gligen_model", gr.Dropdown(
+                [""] + gligen_files(ctx.registry.paths.models_dir), value="", label="GLIGEN model (models/gligen)",
+                allow_custom_value=True))
+            refresh = gr.Button("↻", size="sm", min_width=40, scale=0)
+        reg.add(f"{tab}.gligen_boxes", gr.Textbox(
+            "", lines=3, label="Boxes: one per line, 'phrase: x0, y0, x1, y1' (fractions of the image, 0-1)",
+            placeholder="a red square: 0.1, 0.1, 0.5, 0.5"))
+    refresh.click(lambda: gr.update(choices=[""] + gligen_files(ctx.registry.paths.models_dir)),
+                  outputs=[reg[f"{tab}.gligen_model"]], **_PRIVATE)
 
 
 def _unit(reg: ComponentRegistry, tab: str, index: int, choices: list[str]) -> None:

@@ -111,6 +111,8 @@ def _common(values: Mapping[str, Any]) -> dict[str, Any]:
         "clip_skip": _number(values, "clip_skip", int, 1),
         "wildcard_mode": values.get("wildcard_mode") or "random",
         "control_units": units_from_form(values),
+        "gligen_model": values.get("gligen_model") or "",
+        "gligen_boxes": values.get("gligen_boxes") or (),
     }
 
 

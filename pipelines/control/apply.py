@@ -18,15 +18,16 @@ Weight and guidance start/end go through the diffusers pipeline's own per-net
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
 
 from pipelines import imageops
-from pipelines.control import ip_adapter, models, preprocessors, t2i_adapter
+from pipelines.control import gligen, ip_adapter, models, preprocessors, t2i_adapter
 from pipelines.control.units import CONTROL_MODES, ControlUnit
 
 SOFT_INJECTION_BASE = 0.825
@@ -190,10 +191,11 @@ def attach(manager, active, request) -> Iterator[tuple[Any, dict[str, Any]]]:
     """Yield (active pipeline with the units' models joined, extra pipeline call arguments).
     With no active unit: the active pipeline unchanged and no arguments."""
     resolved = _resolve(manager, active, request)
-    if not resolved:
+    models_dir = manager.registry.paths.models_dir
+    gligen_path = _gligen_path(models_dir, request, resolved)
+    if not resolved and gligen_path is None:
         yield active, {}
         return
-    models_dir = manager.registry.paths.models_dir
     controlnets = [r for r in resolved if r.kind in ("controlnet", "t2i_adapter")]
     adapters = [r for r in resolved if r.kind == "ip_adapter"]
     # Preprocess before loading anything: a bad image or a missing annotator fails fast.
@@ -236,14 +238,32 @@ def attach(manager, active, request) -> Iterator[tuple[Any, dict[str, Any]]]:
                       "control_guidance_end": [float(r.unit.guidance_end) for r in controlnets]}
         else:
             pipe = type(active.pipe).from_pipe(active.pipe, torch_dtype=manager.dtype, **overrides)
-        if not adapters:
+        with ExitStack() as stack:
+            if adapters:
+                stack.enter_context(ip_adapter.loaded_into(pipe, states, [float(r.unit.weight) for r in adapters]))
+                kwargs["ip_adapter_image"] = prompts
+            if gligen_path is not None:
+                state = _cached(manager, keys, ("gligen", str(gligen_path), gligen_path.stat().st_mtime),
+                                lambda: gligen.read_gligen(gligen_path),
+                                size_of=lambda sd: sum(t.numel() * t.element_size() for t in sd.values()))
+                stack.enter_context(gligen.grafted(pipe.unet, state, manager.dtype))
+                kwargs["cross_attention_kwargs"] = gligen.cross_attention_kwargs(
+                    pipe, request.gligen_boxes, request.batch_size, request.cfg_scale > 1)
             yield replace(active, pipe=pipe), kwargs
-            return
-        with ip_adapter.loaded_into(pipe, states, [float(r.unit.weight) for r in adapters]):
-            yield replace(active, pipe=pipe), kwargs | {"ip_adapter_image": prompts}
     finally:
         for key in keys:
             manager.cache.unlock(key)
+
+
+def _gligen_path(models_dir, request, resolved):
+    boxes, model = getattr(request, "gligen_boxes", ()), getattr(request, "gligen_model", "")
+    if not boxes:
+        return None
+    if not model:
+        raise ValueError("GLIGEN boxes need a GLIGEN model: pick one from models/gligen")
+    if any(r.kind in ("controlnet", "t2i_adapter") for r in resolved):
+        raise ValueError("GLIGEN cannot run together with ControlNet or T2I-Adapter units; disable one of them")
+    return gligen.find_gligen(models_dir, model)
 
 
 def _on_device(manager, module):
@@ -272,4 +292,8 @@ def infotext_params(manager, request) -> dict[str, str]:
         unit = unit.with_changes(threshold_a=processor.value_a(unit.threshold_a),
                                  threshold_b=processor.value_b(unit.threshold_b))
         params[f"ControlNet {index}"] = unit.infotext_value(title)
+    if getattr(request, "gligen_boxes", ()) and request.gligen_model:
+        params["GLIGEN"] = Path(request.gligen_model).stem
+        params["GLIGEN boxes"] = "; ".join(f"{p} {x0:g} {y0:g} {x1:g} {y1:g}" for p, x0, y0, x1, y1
+                                           in request.gligen_boxes)
     return params

@@ -231,3 +231,37 @@ def b64_to_image(text: str) -> Image.Image:
     except Exception as exc:  # PIL raises many types for bad data
         raise ValueError("ControlNet image is not valid base64 PNG/JPEG/WebP data") from exc
     return image
+
+
+# --- GLIGEN boxes ----------------------------------------------------------------------------
+
+GLIGEN_MAX_BOXES = 30  # the GLIGEN position net's object slots
+
+
+def normalize_gligen_boxes(value: Any) -> tuple[tuple[str, float, float, float, float], ...]:
+    """GLIGEN grounding boxes as (phrase, x0, y0, x1, y1) with corners as fractions of the image
+    (0-1, x0 < x1, y0 < y1). Accepts such tuples/lists, dicts with phrase/box, or text lines
+    `phrase: x0, y0, x1, y1`."""
+    if isinstance(value, str):
+        value = [line for line in value.splitlines() if line.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("GLIGEN boxes must be a list of (phrase, x0, y0, x1, y1)")
+    boxes = []
+    for item in value:
+        if isinstance(item, str):
+            phrase, sep, coords = item.rpartition(":")
+            parts = [phrase.strip()] + [c for c in re.split(r"[,\s]+", coords.strip()) if c] if sep else [item]
+        elif isinstance(item, Mapping):
+            parts = [item.get("phrase", "")] + list(item.get("box") or [])
+        else:
+            parts = list(item)
+        if len(parts) != 5 or not str(parts[0]).strip():
+            raise ValueError(f"GLIGEN box {item!r}: write it as 'phrase: x0, y0, x1, y1' (fractions 0-1)")
+        x0, y0, x1, y1 = (_float(v, "box corner") for v in parts[1:])
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError(f"GLIGEN box for '{parts[0]}': corners must satisfy 0 <= x0 < x1 <= 1 and "
+                             f"0 <= y0 < y1 <= 1, got {x0}, {y0}, {x1}, {y1}")
+        boxes.append((str(parts[0]).strip(), x0, y0, x1, y1))
+    if len(boxes) > GLIGEN_MAX_BOXES:
+        raise ValueError(f"GLIGEN takes at most {GLIGEN_MAX_BOXES} boxes, got {len(boxes)}")
+    return tuple(boxes)

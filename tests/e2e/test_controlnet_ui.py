@@ -10,7 +10,7 @@ from pipelines.metadata import parse_infotext
 from pipelines.settings import Settings
 from tests import factories
 from tests.control_factories import (tiny_controlnet, tiny_t2i_adapter, write_controlnet, write_t2i_adapter,
-                                     write_tiny_ip_adapter)
+                                     write_tiny_gligen, write_tiny_ip_adapter)
 from tests.e2e.conftest import free_port
 from ui import control_tab
 from ui.control_form import form_from_units
@@ -32,6 +32,8 @@ def served(tmp_path_factory):
     write_controlnet(data_dir / "models" / "ControlNet" / "control_tiny_canny.safetensors",
                      tiny_controlnet(factories.tiny_unet(seed=0), seed=4))
     write_tiny_ip_adapter(data_dir / "models", factories.tiny_unet(seed=0))
+    write_tiny_gligen(data_dir / "models", factories.tiny_unet(seed=0),
+                      factories.tiny_text_encoder(seed=0).config.hidden_size)
     write_t2i_adapter(data_dir / "models" / "ControlNet" / "t2iadapter_tiny.safetensors",
                       tiny_t2i_adapter(factories.tiny_unet(seed=0), seed=3))
     drawn = Image.new("RGB", (64, 64))
@@ -110,3 +112,14 @@ def test_t2i_adapter_unit_through_the_ui(served):
     on, infotext = generate(client, **unit(data_dir, cn0_model="t2iadapter_tiny.safetensors"))
     assert np.abs(on - off).mean() > 1
     assert 'ControlNet 0: "Module: canny, Model: t2iadapter_tiny [' in infotext
+
+
+def test_gligen_boxes_through_the_ui(served):
+    client, _data_dir, _ctx = served
+    off, _ = generate(client)
+    on, infotext = generate(client, gligen_model="gligen_tiny.safetensors",
+                            gligen_boxes="a square: 0.1, 0.1, 0.6, 0.6")
+    assert np.abs(on - off).mean() > 0.5
+    assert "GLIGEN boxes: a square 0.1 0.1 0.6 0.6" in infotext
+    with pytest.raises(Exception, match="phrase: x0, y0, x1, y1"):
+        generate(client, gligen_model="gligen_tiny.safetensors", gligen_boxes="a square")

@@ -12,7 +12,7 @@ from pipelines.generate import generate
 from pipelines.request import GenerationRequest
 from pipelines.settings import BUILTIN_MODELS_DIR
 from tests.control_factories import (tiny_controlnet, tiny_t2i_adapter, write_controlnet, write_t2i_adapter,
-                                     write_tiny_ip_adapter)
+                                     write_tiny_gligen, write_tiny_ip_adapter)
 from tests.integration.conftest import make_engine
 
 
@@ -23,6 +23,7 @@ def control_engine(tmp_path_factory):
     manager, outputs = make_engine(root, root / "data", builtin_dir=BUILTIN_MODELS_DIR)
     with manager.pipeline("txt2img", None) as active:
         unet = active.pipe.unet
+        text_hidden = active.pipe.text_encoder.config.hidden_size
     folder = root / "models" / "ControlNet"
     write_controlnet(folder / "control_tiny_canny.safetensors", tiny_controlnet(unet, seed=1), layout="ldm")
     write_controlnet(folder / "diffusers_tiny_other.safetensors", tiny_controlnet(unet, seed=2), layout="diffusers")
@@ -30,6 +31,7 @@ def control_engine(tmp_path_factory):
     save_file({"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(4, 2048)},
               str(folder / "diffusers_xl_canny_mid.safetensors"))
     write_tiny_ip_adapter(root / "models", unet)
+    write_tiny_gligen(root / "models", unet, text_hidden)
     write_t2i_adapter(folder / "t2iadapter_tiny_sketch.safetensors", tiny_t2i_adapter(unet, seed=5))
     write_t2i_adapter(folder / "t2iadapter_tiny_canny_original.safetensors",
                       tiny_t2i_adapter(unet, seed=6, in_channels=1), layout="original")
@@ -199,3 +201,30 @@ def test_t2i_adapter_in_img2img(control_engine):
 def test_t2i_adapter_and_controlnet_together_are_refused(control_engine):
     with pytest.raises(ValueError, match="cannot run in the same generation"):
         run(control_engine, UNIT, T2I_UNIT)
+
+
+# --- GLIGEN ----------------------------------------------------------------------------------
+
+GLIGEN = dict(gligen_model="gligen_tiny", gligen_boxes=(("a red square", 0.1, 0.1, 0.6, 0.6),))
+
+
+def test_gligen_boxes_change_the_image_and_leave_the_unet_clean(control_engine, baseline):
+    on, infotext = run(control_engine, **GLIGEN)
+    assert distance(on, baseline) > 1
+    assert "GLIGEN: gligen_tiny" in infotext and "GLIGEN boxes: a red square 0.1 0.1 0.6 0.6" in infotext
+    moved, _ = run(control_engine, gligen_model="gligen_tiny", gligen_boxes="a red square: 0.4, 0.4, 0.9, 0.9")
+    assert distance(moved, on) > 0.1  # the box position matters (same seed, only the box moved)
+    assert np.array_equal(run(control_engine)[0], baseline)  # fusers and position net removed
+    with control_engine.pipeline("txt2img", None) as active:
+        assert not hasattr(active.pipe.unet, "position_net")
+
+
+def test_gligen_with_ip_adapter_and_bad_boxes(control_engine, baseline):
+    both, _ = run(control_engine, IP_UNIT, **GLIGEN)
+    assert distance(both, baseline) > 1
+    with pytest.raises(ValueError, match="0 <= x0 < x1 <= 1"):
+        BASE.with_changes(gligen_boxes=(("cat", 0.5, 0.1, 0.2, 0.6),))
+    with pytest.raises(ValueError, match="need a GLIGEN model"):
+        run(control_engine, gligen_boxes=GLIGEN["gligen_boxes"])
+    with pytest.raises(ValueError, match="cannot run together"):
+        run(control_engine, UNIT, **GLIGEN)

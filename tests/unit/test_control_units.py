@@ -87,3 +87,12 @@ def test_infotext_round_trip_restores_units_without_image():
     restored = units_from_infotext(parse_infotext(text))
     assert [u.with_changes(model=u.model.split(" [")[0]) for u in restored] == units
     assert all(u.image is None for u in restored)
+
+
+def test_gligen_boxes_round_trip_and_text_form():
+    request = GenerationRequest(gligen_model="g", gligen_boxes="a cat: 0.1, 0.2, 0.5, 0.6\n a dog: 0.5 0.5 1 1")
+    assert request.gligen_boxes == (("a cat", 0.1, 0.2, 0.5, 0.6), ("a dog", 0.5, 0.5, 1.0, 1.0))
+    again = GenerationRequest.from_dict(json.loads(json.dumps(request.to_dict())))
+    assert again.gligen_boxes == request.gligen_boxes
+    with pytest.raises(ValueError, match="at most 30"):
+        GenerationRequest(gligen_boxes=[("x", 0, 0, 1, 1)] * 31)
