@@ -45,7 +45,7 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
     request, image_prompts = (prompts or PromptSource()).prepare(request, base_seed)
     images, infotexts, seeds, paths = [], [], [], []
     loads_before = sum(manager.load_counts.values())
-    wishes = adapters.wishes_for(request)
+    wishes = adapters.wishes_for(request, image_prompts)
     with manager.pipeline(request.task, request.checkpoint, request.vae, loras=wishes.loras) as active, \
             control.attach(manager, active, request) as (active, control_kwargs), \
             adapters.attach(manager, active, request, wishes) as adapter_params:

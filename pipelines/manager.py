@@ -92,6 +92,7 @@ class PipelineManager:
             "ram_cache": {"used_bytes": self.cache.current_bytes, "max_bytes": self.cache.max_bytes,
                           "entries": [list(k) for k in self.cache.keys()]},
             "loads": dict(self.load_counts),
+            "loras_resident": self.loras.resident_names(ckpt.components["unet"]) if ckpt else [],
         }
 
     # --- the one way to get a pipeline ------------------------------------------------------

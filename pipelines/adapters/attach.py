@@ -16,8 +16,12 @@ from pipelines.cache import module_bytes
 from pipelines.prompts.extra_networks import extract_extra_networks
 
 
-def wishes_for(request) -> AdapterWishes:
-    return adapter_wishes(request.prompt, request.negative_prompt)
+def wishes_for(request, image_prompts=()) -> AdapterWishes:
+    """From the request's prompts (styles applied) and each image's prompts (wildcards filled)."""
+    texts = [request.prompt, request.negative_prompt]
+    for image_prompt in image_prompts:
+        texts += [image_prompt.prompt, image_prompt.negative_prompt]
+    return adapter_wishes(*dict.fromkeys(texts))  # each distinct text once
 
 
 @contextmanager
@@ -33,7 +37,7 @@ def attach(manager, active, request, wishes: AdapterWishes) -> Iterator[dict[str
         entries = [registry.find("hypernetwork", wish.name) for wish in wishes.hypernets]
         params["Hypernet"] = ", ".join(e.stem for e in entries)
         params["Hypernet hash"] = ", ".join(registry.shorthash(e) for e in entries)
-    texts = [extract_extra_networks(t or "")[0] for t in (request.prompt, request.negative_prompt)]
+    texts = [extract_extra_networks(t or "")[0] for t in wishes.texts]
     with embeddings.scoped_embeddings(active.pipe, embeddings.used_embeddings(registry, texts)) as used, \
             hypernetworks.scoped_hypernetworks(active.pipe.unet, networks):
         ti = embeddings.ti_hashes(registry, used)

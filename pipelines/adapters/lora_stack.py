@@ -19,6 +19,7 @@ import weakref
 from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -78,6 +79,11 @@ class LoraStack:
         """Adapter names resident in a checkpoint, least recently used first."""
         state = self._states.get(unet)
         return list(state.resident.values()) if state else []
+
+    def resident_names(self, unet: torch.nn.Module) -> list[str]:
+        """File names of the LoRAs resident in a checkpoint, least recently used first."""
+        state = self._states.get(unet)
+        return [Path(key[0]).name for key in state.resident] if state else []
 
     def reports(self, unet: torch.nn.Module) -> dict[str, str]:
         state = self._states.get(unet)

@@ -24,19 +24,24 @@ class HypernetRequest:
 class AdapterWishes:
     loras: tuple[LoraRequest, ...] = ()
     hypernets: tuple[HypernetRequest, ...] = ()
+    texts: tuple[str, ...] = ()  # the prompts they were read from (embeddings are found in these)
 
 
 def adapter_wishes(*prompts: str) -> AdapterWishes:
-    """Tags from all prompts (positive and negative), in order of appearance."""
+    """Tags from all prompts (positive and negative), in order of appearance. A network named in
+    several prompts (the same prompt per image of a batch) counts once, as its first mention."""
     loras, hypernets = [], []
     for text in prompts:
+        seen_before = {w.name for w in loras} | {w.name for w in hypernets}
         for tag in extract_extra_networks(text or "")[1]:
+            if tag.name in seen_before:
+                continue
             if tag.kind == "lora":
                 te, unet = tag.lora_weights()
                 loras.append(LoraRequest(tag.name, te, unet))
             elif tag.kind == "hypernet":
                 hypernets.append(HypernetRequest(tag.name, tag.multiplier(0, 1.0)))
-    return AdapterWishes(tuple(loras), tuple(hypernets))
+    return AdapterWishes(tuple(loras), tuple(hypernets), tuple(t or "" for t in prompts))
 
 
 def lora_hashes(registry: ModelRegistry, applied: Iterable[AppliedLora], mentioned: Iterable[LoraRequest]) -> str | None:

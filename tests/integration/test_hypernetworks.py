@@ -41,6 +41,7 @@ def test_hypernetwork_applies_by_strength_for_its_request_only(engine):
     assert "Hypernet: inkwash" in text
     after, _ = _run(manager, "a red square")
     assert np.array_equal(after, base)
+    assert np.array_equal(zero, base)  # the tag itself is not text for the encoder
     with manager.pipeline("txt2img", "tiny.safetensors") as active:
         assert dict(active.pipe.unet.attn_processors) == processors
     assert manager.load_counts["hypernetwork"] == 1  # cached after the first use

@@ -139,6 +139,7 @@ def test_resident_loras_are_capped_least_recently_used_first(lora_root, tmp_path
             adapter = active.loras[0].adapter
     resident = manager.loras.resident(unet)
     assert len(resident) == 2 and resident[-1] == adapter  # b was the least recently used: gone
+    assert manager.snapshot()["loras_resident"] == ["style-a.safetensors", "style-c.safetensors"]
     assert manager.load_counts["lora"] == 3
     # loading more adapters next to it never touched style-a's layers
     assert np.array_equal(_image(manager, [LoraRequest("style-a", 0.8, 0.8)]), first_a)
