@@ -142,7 +142,9 @@ def kohya_metadata(captions: list[str], rank: int, lr: float, steps: int, batch:
         "ss_network_alpha": str(float(rank)),
         "ss_network_args": json.dumps({"conv_dim": str(rank), "conv_alpha": str(float(rank))}),
         "ss_output_name": LORA_NAME,
-        "ss_base_model_version": "sd_v1",
+        # not "sd_v1": Easel (like A1111) would then offer it for SD1 checkpoints; the modelspec
+        # architecture below is what marks it as tiny-world's
+        "ss_base_model_version": "tiny_world_v1",
         "ss_sd_model_name": "tinyworld.safetensors",
         "ss_v2": "False",
         "ss_resolution": "(64, 64)",
