@@ -54,6 +54,7 @@ def test_family_files_are_listed_as_their_kind(family):
     assert checkpoints[0].builtin
     assert [e.name for e in registry.vaes()] == [WARM_VAE]
     assert sorted(e.name for e in registry.embeddings()) == ["tw-green-square-st.safetensors", "tw-green-square.pt"]
+    assert [(e.name, e.arch) for e in registry.loras()] == [("tw-stripes.safetensors", Arch.TINYWORLD)]
 
 
 def test_builtin_checkpoint_draws_the_prompt_on_recorded_seeds(family):
@@ -98,3 +99,25 @@ def test_embedding_reaches_the_text_encoder_through_the_engine(family):
     # the two vectors started as "green" and "square" and moved: a different picture, still a shape
     assert not np.array_equal(words, embedded)
     assert world.classify(embedded).shape is not None
+
+
+# (fg, shape, bg), seed: with the LoRA at weight 1 each came out striped (stripe score 110-132),
+# without it none (scores -15 to -9), when recorded.
+STRIPE_PAIRS = [
+    (("white", "triangle", "yellow"), 500), (("green", "circle", "blue"), 504),
+    (("red", "circle", "white"), 508), (("red", "square", "white"), 509),
+]
+
+
+def test_style_lora_adds_stripes_and_weight_zero_is_the_base(family):
+    from tools.tinyworld.lora import LORA_NAME, TRIGGER, is_striped
+
+    striped = 0
+    for k, (combo, seed) in enumerate(STRIPE_PAIRS):
+        prompt = f"{world.caption(*combo)}, {TRIGGER}"
+        base = render(family, prompt, seed, SETTING)
+        assert not is_striped(base)
+        striped += is_striped(render(family, f"{prompt} <lora:{LORA_NAME}:1>", seed, SETTING))
+        if k == 0:
+            assert np.array_equal(render(family, f"{prompt} <lora:{LORA_NAME}:0>", seed, SETTING), base)
+    assert striped >= 3, f"{striped}/4 striped at weight 1 (4/4 when recorded)"
