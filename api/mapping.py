@@ -12,7 +12,7 @@ from typing import Any
 from api.images import ImageLimits, decode_image, encode_png
 from api.models import Img2ImgRequest, Txt2ImgRequest, _Processing
 from api.options import CHECKPOINT, CLIP_SKIP, VAE, ApiOptions
-from pipelines.metadata import split_infotext
+from pipelines.metadata import parse_infotext_typed, split_infotext
 from pipelines.request import GenerationRequest, GenerationResult
 
 MASKED_CONTENT = {0: "fill", 1: "original"}  # 2 latent noise, 3 latent nothing: not in Easel
@@ -26,6 +26,34 @@ _RENAMED_OPTIONAL = {"hr_checkpoint_name": "hr_checkpoint", "hr_sampler_name": "
 _CORE_INFOTEXT_KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale",
                        "Seed", "Size", "Model hash", "Model", "VAE hash", "VAE",
                        "Denoising strength", "Clip skip", "Version"}
+
+
+# Infotext key -> A1111 request field, for `infotext` in a request (A1111 1.10 `apply_infotext`).
+_INFOTEXT_FIELDS = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps",
+                    "Sampler": "sampler_name", "Schedule type": "scheduler", "CFG scale": "cfg_scale",
+                    "Seed": "seed", "Size-1": "width", "Size-2": "height", "Denoising strength": "denoising_strength",
+                    "Hires upscale": "hr_scale", "Hires steps": "hr_second_pass_steps", "Hires upscaler": "hr_upscaler",
+                    "Mask blur": "mask_blur", "Masked area padding": "inpaint_full_res_padding"}
+
+
+def with_infotext(payload: _Processing) -> _Processing:
+    """Fields from a pasted `infotext`, as A1111 applies it: a field the request sets itself wins;
+    Clip skip goes to override_settings; a Hires key turns the hires fix on."""
+    if not payload.infotext:
+        return payload
+    params = parse_infotext_typed(payload.infotext)
+    given = payload.model_fields_set
+    changes: dict[str, Any] = {}
+    for key, name in _INFOTEXT_FIELDS.items():
+        if key in params and name in type(payload).model_fields and name not in given:
+            changes[name] = params[key]
+    if "Hires upscale" in params and "enable_hr" in type(payload).model_fields and "enable_hr" not in given:
+        changes["enable_hr"] = True
+    overrides = dict(payload.override_settings or {})
+    if "Clip skip" in params and CLIP_SKIP not in overrides:
+        overrides[CLIP_SKIP] = params["Clip skip"]
+        changes["override_settings"] = overrides
+    return payload.model_validate(payload.model_dump() | changes)
 
 
 def request_fields() -> set[str]:

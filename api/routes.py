@@ -45,6 +45,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
 
     @router.post("/txt2img", response_model=ImageResponse)
     def txt2img(payload: Txt2ImgRequest, user: Optional[str] = Depends(authenticate)):
+        payload = mapping.with_infotext(payload)
         request = mapping.txt2img_request(payload, options, limits)
         result = run(request, user)
         keep_overrides(payload)
@@ -52,6 +53,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
 
     @router.post("/img2img", response_model=ImageResponse)
     def img2img(payload: Img2ImgRequest, user: Optional[str] = Depends(authenticate)):
+        payload = mapping.with_infotext(payload)
         request = mapping.img2img_request(payload, options, limits)
         result = run(request, user)
         keep_overrides(payload)

@@ -151,16 +151,19 @@ def test_progress_polling_and_interrupt_mid_run(webui, server):
 
     worker = threading.Thread(target=run)
     worker.start()
-    seen = []
+    seen, preview = [], None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         progress = requests.get(api_url(server, "progress"), auth=auth, timeout=10).json()
-        if progress["state"]["sampling_step"] >= 3:
+        preview = progress["current_image"] or preview
+        if progress["state"]["sampling_step"] >= 3 and preview:
             seen.append(progress)
             break
         time.sleep(0.05)
-    assert seen, "the job never showed progress"
+    assert seen, "the job never showed progress with a live preview"
     live = seen[-1]
+    with Image.open(io.BytesIO(base64.b64decode(preview, validate=True))) as image:
+        assert image.format == "PNG" and min(image.size) > 0  # the latent preview of the running job
     assert 0 < live["progress"] < 1 and live["state"]["job_count"] >= 1 and live["state"]["sampling_steps"] == 150
     assert live["eta_relative"] > 0 and live["textinfo"].startswith("step ")
     assert webui.interrupt() == {}

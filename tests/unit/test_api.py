@@ -547,3 +547,16 @@ def test_the_default_checkpoint_is_pinned_at_start(client, ctx):
     assert ctx.registry.default_checkpoint().name == "a-merge.safetensors"
     client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64})
     assert ctx.jobs.submitted[0][1].checkpoint == "sd15.safetensors"
+
+
+def test_a_pasted_infotext_fills_the_fields_the_request_leaves_out(client, ctx):
+    text = ('a cat\nNegative prompt: dog\nSteps: 12, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 4.5, '
+            'Seed: 99, Size: 64x128, Clip skip: 2, Hires upscale: 1.5, Hires upscaler: Lanczos')
+    body = {"infotext": text, "seed": 7, "save_images": False}
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    request = ctx.jobs.submitted[0][1]
+    assert (request.prompt, request.negative_prompt, request.steps, request.sampler, request.schedule) == (
+        "a cat", "dog", 12, "DPM++ 2M", "Karras")
+    assert (request.cfg_scale, request.width, request.height, request.clip_skip) == (4.5, 64, 128, 2)
+    assert request.seed == 7  # given in the request: it wins
+    assert (request.enable_hr, request.hr_scale, request.hr_upscaler) == (True, 1.5, "Lanczos")
