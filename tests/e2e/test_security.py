@@ -98,7 +98,7 @@ def shared_server(tmp_path_factory):
             [sys.executable, "-c", "import sys, app; sys.exit(app.main(sys.argv[1:]))",
              "--data-dir", str(data_dir), "--port", str(port), "--device", "cpu", "--share",
              "--auth-file", str(users), "--max-queued-per-user", str(REQUESTS_PER_CLIENT),
-             "--max-width", "1024", "--max-steps", "100"],
+             "--max-width", "1024", "--max-steps", "100", "--api"],
             cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(url=f"http://127.0.0.1:{port}", data_dir=data_dir, log=log, process=process)
     server.marker = marker
@@ -194,28 +194,51 @@ def test_with_auth_the_app_serves_locally_although_the_tunnel_failed(shared_serv
 
 # --- load: every result arrives, belongs to its request, and users are served in turn ------
 
+def rest_txt2img(server, user: str, request: dict) -> dict:
+    """The A1111 REST route, HTTP Basic as the same user; returns the parsed `info`."""
+    body = {"prompt": request["prompt"], "negative_prompt": "", "seed": request["seed"], "steps": request["steps"],
+            "width": 64, "height": 64, "cfg_scale": 5, "sampler_name": "Euler", "save_images": True,
+            "override_settings": {"sd_model_checkpoint": request["checkpoint"]}}
+    session = requests.Session()
+    session.trust_env = False
+    response = session.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=(user, PASSWORDS[user]), timeout=300)
+    assert response.status_code == 200, response.text
+    return json.loads(response.json()["info"])
+
+
 def test_eight_clients_five_requests_each_get_their_own_results_in_fair_turns(shared_server, clients):
+    """Even clients use gradio_client, odd ones the REST API, all at once."""
+    from PIL import Image
+
+    rest = ThreadPoolExecutor(CLIENTS // 2 * REQUESTS_PER_CLIENT)
     jobs = []
     # Each client queues all of its requests at once, one client after the other: first-come
-    # would run client 7's first request 36th; round robin runs it in the first round.
+    # would run the last client's first request ~36th; round robin runs it in the first round.
     for i, client in enumerate(clients):
         for j in range(REQUESTS_PER_CLIENT):
             request = dict(prompt=f"client {i} request {j}", seed=1000 * i + j, steps=1 + (i + j) % 2,
                            checkpoint=CHECKPOINTS[(i + j) % len(CHECKPOINTS)])
-            jobs.append((i, j, request, client.submit(**{**BASE, **request}, api_name="/txt2img")))
+            if i % 2:
+                jobs.append((i, j, request, rest.submit(rest_txt2img, shared_server, f"u{i}", request)))
+            else:
+                jobs.append((i, j, request, client.submit(**{**BASE, **request}, api_name="/txt2img")))
     finished = []
+    outputs = shared_server.data_dir / "outputs" / "txt2img-images"
     for i, j, request, job in jobs:
-        _gallery, info = job.result(timeout=300)
+        if i % 2:
+            info = job.result(timeout=300)
+            (saved,) = outputs.glob(f"*/*-{request['seed']}.png")  # seeds are unique per request
+        else:
+            _gallery, info = job.result(timeout=300)
+            saved = Path(info["paths"][0])
         (text,) = info["infotexts"]
         assert text.startswith(request["prompt"] + "\n")
         assert f"Seed: {request['seed']}," in text and f"Model: {request['checkpoint']}," in text
         assert f"Steps: {request['steps']}," in text
-        saved = Path(info["paths"][0])
-        from PIL import Image
-
         with Image.open(saved) as image:
             assert read_infotext(image) == text
         finished.append((int(saved.name.split("-")[0]), i, j))
+    rest.shutdown()
     assert len(finished) == CLIENTS * REQUESTS_PER_CLIENT
     assert len({number for number, _i, _j in finished}) == len(finished)  # nothing overwritten
     order = [i for _number, i, _j in sorted(finished)]
@@ -238,6 +261,8 @@ def test_another_users_interrupt_does_not_stop_my_job_but_mine_and_an_admins_do(
         assert time.monotonic() < deadline, "the long job never started"
         time.sleep(0.2)
     assert bob.predict(scope="mine", api_name="/cancel") == {"cancelled": 0}
+    interrupt = requests.post(f"{shared_server.url}/sdapi/v1/interrupt", auth=("u1", PASSWORDS["u1"]), timeout=30)
+    assert interrupt.status_code == 200  # the REST interrupt is bob's too: alice's job runs on
     view = bob.predict(api_name="/queue")
     assert view["jobs"] == [] and view["admin"] is False
     from gradio_client.exceptions import AppError
