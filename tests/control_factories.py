@@ -22,7 +22,8 @@ def tiny_controlnet(unet, seed: int = 0, zero_conv_std: float = 0.05, family: st
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in controlnet.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block",
+                                "controlnet_cond_embedding.conv_out")):
                 param.copy_(torch.randn(param.shape, generator=generator) * zero_conv_std)
     return controlnet.eval()
 

@@ -164,7 +164,8 @@ def _resolve(manager, active, request) -> list[_Resolved]:
             raise ValueError(f"{entry.name} is a CLIP image encoder, used by IP-Adapters by itself; "
                              "pick a ControlNet or an IP-Adapter as the unit's model")
         models.check_compatible(entry, models.family_of_entry(entry), active.arch, active.checkpoint.name)
-        if kind == "ip_adapter" and (unit.guidance_start, unit.guidance_end, unit.control_mode) != (0, 1, CONTROL_MODES[0]):
+        full_range = (unit.guidance_start, unit.guidance_end, unit.control_mode) == (0, 1, CONTROL_MODES[0])
+        if kind == "ip_adapter" and not full_range:
             raise ValueError(f"ControlNet unit {index} ({entry.name}): IP-Adapter units run over all steps in "
                              "Balanced mode; set starting step 0, ending step 1 and control mode Balanced")
         resolved.append(_Resolved(index, unit, entry, kind))

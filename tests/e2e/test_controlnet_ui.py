@@ -16,7 +16,7 @@ from ui import control_tab
 from ui.control_form import form_from_units
 from pipelines.control import units_from_infotext
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BASE = dict(prompt="a square", negative_prompt="", sampler="Euler a", schedule="Automatic", steps=3,
             cfg_scale=5, width=64, height=64, seed=7, batch_count=1, batch_size=1,

@@ -1,7 +1,5 @@
 """The ControlNet accordion's pure helpers: form <-> units, model list filtered by the
 checkpoint's base model, the Preview map and its errors."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
