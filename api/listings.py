@@ -76,6 +76,13 @@ def upscalers(models_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def realesrgan_models(models_dir: Path) -> list[dict[str, Any]]:
+    from pipelines import upscalers as up
+
+    return [{"name": m.name, "path": str(m.path), "scale": 4} for m in up.model_files(models_dir)
+            if m.folder == "RealESRGAN"]
+
+
 def latent_upscale_modes() -> list[dict[str, Any]]:
     from pipelines import upscalers as up
 

@@ -148,6 +148,14 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
     def upscalers():
         return listings.upscalers(ctx.settings.models_root)
 
+    @router.get("/realesrgan-models")
+    def realesrgan_models() -> list[dict[str, Any]]:
+        return listings.realesrgan_models(ctx.settings.models_root)
+
+    @router.get("/face-restorers")
+    def face_restorers() -> list[dict[str, Any]]:
+        return []  # GFPGAN / CodeFormer are not part of Easel
+
     @router.get("/latent-upscale-modes", response_model=list[LatentUpscalerModeItem])
     def latent_upscale_modes():
         return listings.latent_upscale_modes()

@@ -370,7 +370,7 @@ def test_every_route_needs_the_credentials(ctx):
     client = make_client(ctx, [AUTH])
     schema = client.get("/openapi.json", auth=AUTH).json()
     routes = [(method.upper(), path) for path, ops in schema["paths"].items() for method in ops]
-    assert len(routes) == 42  # 31 + 5 extension routes + 6 ControlNet; a missing route would answer 404, not 401
+    assert len(routes) == 44  # 33 + 5 extension routes + 6 ControlNet; a missing route would answer 404, not 401
     routes += [("GET", "/openapi.json"), ("GET", "/docs")]
     for method, path in routes:
         for headers in ({}, {"Authorization": ""}, {"Authorization": "Basic " + base64.b64encode(b"alice:wrong").decode()},
@@ -436,6 +436,12 @@ def test_upscaler_lists_come_from_the_hires_lane(client, ctx):
     names = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
     assert names[:3] == ["None", "Lanczos", "Nearest"]
     assert [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()] == list(upscalers.LATENT_MODES)
+    folder = ctx.settings.models_root / "RealESRGAN"
+    folder.mkdir(parents=True)
+    (folder / "RealESRGAN_x4plus.pth").write_bytes(b"weights")
+    assert [m["name"] for m in client.get("/sdapi/v1/realesrgan-models").json()] == ["RealESRGAN_x4plus"]
+    assert "RealESRGAN_x4plus" in [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+    assert client.get("/sdapi/v1/face-restorers").json() == []
 
 
 # --- ControlNet ----------------------------------------------------------------------------------
