@@ -93,6 +93,7 @@ def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[i
     prompts = prompts or [ImagePrompt(request.prompt, request.negative_prompt)] * len(seeds)
     conditioning = build_conditioning(pipe, [p.prompt for p in prompts], [p.negative_prompt for p in prompts],
                                       steps=_sampling_steps(request), clip_skip=request.clip_skip)
+    conditioning.install(pipe)  # AND (composable diffusion) wraps this request's UNet until finish()
     callback = _step_callback(active, request, batch_index, progress, cancel, hooks, tuple(seeds),
                               conditioning.callback_outputs)
     common: dict[str, Any] = dict(

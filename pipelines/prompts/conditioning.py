@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipelines.prompts import composable
 from pipelines.prompts.encoding import Encoded, EncoderStack, encode_prompt
 from pipelines.prompts.extra_networks import extract_extra_networks
 from pipelines.prompts.parser import prompt_schedule, split_and, text_at_step
@@ -22,31 +23,27 @@ from pipelines.prompts.parser import prompt_schedule, split_and, text_at_step
 Schedule = list[tuple[int, str]]
 
 
-def _composable_check(prompt: str) -> str:
-    parts = split_and(prompt)
-    if len(parts) > 1:
-        raise ValueError("AND (composable diffusion) is not supported yet: remove 'AND' from the prompt, "
-                         "or join the parts with ',' or BREAK")
-    text, weight = parts[0]
-    return prompt if weight == 1.0 else text
-
-
 @dataclass
 class PromptConditioning:
     stack: EncoderStack
-    positive: list[Schedule]  # one schedule per image of the batch
+    positive: list[Schedule]  # one schedule per image of the batch (its first AND part)
     negative: list[Schedule]
     steps: int
     clip_skip: int = 1
     emphasis: str = "Original"
+    parts: list[list[tuple[Schedule, float]]] = field(default_factory=list)  # AND parts per image
     _cache: dict = field(default_factory=dict, repr=False)
     _chunks: int = 1
     _current_step: int = 1
     _finished: bool = False
     pipe_id: int | None = None  # the pipeline these tensors fit; others (a refiner) get nothing
+    _wrapper: object = None  # the ComposableUNet while AND is in use
+    _pipe: object = None
 
     def __post_init__(self) -> None:
-        texts = {t for s in self.positive for _, t in s} | {t for s in self.negative for _, t in s}
+        if not self.parts:
+            self.parts = [[(s, 1.0)] for s in self.positive]
+        texts = {t for s in self._all_schedules() for _, t in s}
         for text in sorted(texts):
             self._encoded(text)
         self._chunks = max(e.chunks for e in self._cache.values())
@@ -55,7 +52,22 @@ class PromptConditioning:
 
     @property
     def changes_during_sampling(self) -> bool:
-        return any(len(s) > 1 for s in self.positive + self.negative)
+        return any(len(s) > 1 for s in self._all_schedules())
+
+    @property
+    def composable(self) -> bool:
+        """Whether a prompt uses AND (or one part with a weight): the UNet must be wrapped."""
+        return any(len(p) > 1 or p[0][1] != 1.0 for p in self.parts)
+
+    def install(self, pipe) -> None:
+        """Before sampling: wrap the pipe's UNet when AND is used (undone by `finish`)."""
+        if not self.composable:
+            return
+        if getattr(pipe, "controlnet", None) is not None:
+            raise ValueError("AND (composable diffusion) cannot be combined with ControlNet or T2I-Adapter "
+                             "units: remove AND from the prompt or disable the units")
+        self._wrapper, self._pipe = composable.install(pipe), pipe
+        self._wrapper.set_parts(*self._part_tensors(1))
 
     @property
     def tensor_inputs(self) -> list[str]:
@@ -84,6 +96,8 @@ class PromptConditioning:
         if self._texts_at(next_step) == self._texts_at(self._current_step):
             return {}
         self._current_step = next_step
+        if self._wrapper is not None:
+            self._wrapper.set_parts(*self._part_tensors(next_step))
         kwargs = self.pipeline_kwargs(next_step)
         cfg = bool(getattr(pipe, "do_classifier_free_guidance", True))
         device = pipe._execution_device if hasattr(pipe, "_execution_device") else None
@@ -101,11 +115,32 @@ class PromptConditioning:
         """The pass this conditioning belongs to is over: later callbacks (a hires pass that
         shares the callback) must not receive its tensors."""
         self._finished = True
+        if self._wrapper is not None:
+            composable.uninstall(self._pipe)
+            self._wrapper = None
 
     # --- internals ---------------------------------------------------------------------------
 
+    def _all_schedules(self) -> list[Schedule]:
+        return [s for p in self.parts for s, _ in p] + self.positive + self.negative
+
     def _texts_at(self, step: int) -> tuple:
-        return tuple(text_at_step(s, step) for s in self.positive + self.negative)
+        return tuple(text_at_step(s, step) for s in self._all_schedules())
+
+    def _part_tensors(self, step: int):
+        """AND parts at `step`: embeds [B, K, L, D], pooled [B, K, P] | None, weights [B, K];
+        images with fewer parts are padded with weight-0 copies of their first part."""
+        count = max(len(p) for p in self.parts)
+        embeds, pooled, weights = [], [], []
+        for parts in self.parts:
+            padded = parts + [(parts[0][0], 0.0)] * (count - len(parts))
+            encoded = [self._encoded(text_at_step(s, step)) for s, _ in padded]
+            embeds.append(torch.cat([self._padded(e) for e in encoded]))
+            if self.stack.sdxl:
+                pooled.append(torch.cat([e.pooled for e in encoded]))
+            weights.append([w for _, w in padded])
+        return (torch.stack(embeds), torch.stack(pooled) if self.stack.sdxl else None,
+                torch.tensor(weights, dtype=torch.float32))
 
     def _encoded(self, text: str) -> Encoded:
         if text not in self._cache:
@@ -139,12 +174,12 @@ def build_conditioning(pipe, prompts: list[str], negative_prompts: list[str], st
     if len(prompts) != len(negative_prompts):
         raise ValueError("each image needs one prompt and one negative prompt")
 
-    def schedule(text: str, positive: bool) -> Schedule:
-        text, _ = extract_extra_networks(text)
-        if positive:
-            text = _composable_check(text)
-        return prompt_schedule(text, steps)
+    def schedule(text: str) -> Schedule:
+        return prompt_schedule(extract_extra_networks(text)[0], steps)
 
-    return PromptConditioning(stack=EncoderStack.from_pipe(pipe), positive=[schedule(p, True) for p in prompts],
-                              negative=[schedule(n, False) for n in negative_prompts], steps=max(1, steps),
+    # A1111: only the positive prompt is split on AND; each part has its own editing schedule
+    parts = [[(schedule(text), weight) for text, weight in split_and(extract_extra_networks(p)[0])]
+             for p in prompts]
+    return PromptConditioning(stack=EncoderStack.from_pipe(pipe), positive=[p[0][0] for p in parts], parts=parts,
+                              negative=[schedule(n) for n in negative_prompts], steps=max(1, steps),
                               clip_skip=clip_skip, emphasis=emphasis, pipe_id=id(pipe))

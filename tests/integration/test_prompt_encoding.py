@@ -116,9 +116,32 @@ def test_negative_padded_to_positive_chunks_and_editing_switches(sd_pipe):
     assert torch.equal(switched[:1, :77], _encode(sd_pipe, "ugly").embeds)
 
 
-def test_and_is_a_clear_error(sd_pipe):
-    with pytest.raises(ValueError, match="AND"):
-        build_conditioning(sd_pipe, ["a cat AND a dog"], [""], steps=4)
+def test_and_parts_are_encoded_and_weighted(sd_pipe):
+    cond = build_conditioning(sd_pipe, ["a cat AND [a dog:a fox:2] :0.5", "plain"], ["", ""], steps=4)
+    assert cond.composable and cond.changes_during_sampling
+    embeds, pooled, weights = cond._part_tensors(1)
+    assert embeds.shape == (2, 2, 77, 64) and pooled is None
+    assert weights.tolist() == [[1.0, 0.5], [1.0, 0.0]]  # "plain" padded with a weight-0 copy
+    assert torch.equal(embeds[0, 1], _encode(sd_pipe, " a dog").embeds[0])
+    assert torch.equal(cond._part_tensors(3)[0][0, 1], _encode(sd_pipe, " a fox").embeds[0])
+    assert not build_conditioning(sd_pipe, ["ANDROID"], [""], steps=4).composable
+
+
+def test_composable_unet_combines_parts_like_a1111():
+    from pipelines.prompts.composable import ComposableUNet
+
+    class Fake(torch.nn.Module):  # "noise" = latents scaled by the mean of the conditioning
+        def forward(self, sample, t, hidden, added_cond_kwargs=None, return_dict=False):
+            return (sample * hidden.mean(dim=(1, 2)).reshape(-1, 1, 1, 1),)
+
+    wrapper = ComposableUNet(Fake())
+    parts = torch.stack([torch.full((1, 3, 2), 2.0), torch.full((1, 3, 2), 5.0)], dim=1)  # B=1, K=2
+    wrapper.set_parts(parts, None, torch.tensor([[1.0, 0.5]]))
+    sample = torch.ones(2, 1, 2, 2)
+    uncond_hidden = torch.full((1, 3, 2), 1.0)
+    out = wrapper(sample, 10, torch.cat([uncond_hidden, torch.zeros(1, 3, 2)]), return_dict=False)[0]
+    # uncond = 1; parts give 2 and 5: 1 + 1*(2-1) + 0.5*(5-1) = 4
+    assert torch.allclose(out[0], torch.ones(1, 2, 2)) and torch.allclose(out[1], torch.full((1, 2, 2), 4.0))
 
 
 def test_sdxl_empty_negative_is_zeros(sdxl_pipe):

@@ -63,3 +63,17 @@ def test_long_prompt_alternation_and_clip_skip_run_and_are_recorded(manager):
     info = parse_infotext(result.infotexts[0])
     assert info["Prompt"] == long_prompt and info["Clip skip"] == "2"
     assert "Clip skip" not in plain_result.infotexts[0]  # A1111 writes only a non-default value
+
+
+def test_and_composable_diffusion(manager):
+    red_prompt, blue_prompt = "a white circle on a red background", "a white circle on a blue background"
+    _, red = _run(manager, red_prompt, batch_size=2)
+    _, halves = _run(manager, f"{red_prompt} :0.5 AND {red_prompt} :0.5", batch_size=2)
+    assert np.abs(halves - red).max() <= 2  # two halves of one prompt == the prompt (float rounding)
+    _, blue = _run(manager, blue_prompt, batch_size=2)
+    result, both = _run(manager, f"{red_prompt} AND {blue_prompt}", batch_size=2)
+    assert np.abs(both - red).mean() > 5 and np.abs(both - blue).mean() > 5
+    assert parse_infotext(result.infotexts[0])["Prompt"] == f"{red_prompt} AND {blue_prompt}"
+    # the request's pipeline is left without the wrapper: a plain run after it is unchanged
+    _, again = _run(manager, red_prompt, batch_size=2)
+    assert np.array_equal(again, red)
