@@ -22,9 +22,13 @@ class ProgressTracker:
         self._preview = None
         self._timestamp = "0"
 
-    def report(self, jobs: Any, skip_current_image: bool = False) -> dict[str, Any]:
+    def report(self, jobs: Any, skip_current_image: bool = False, viewer: str | None = None) -> dict[str, Any]:
+        """`viewer` (a job owner) limits the report to that owner's jobs: another user's running
+        job reads as idle, with the viewer's own waiting jobs as `job_count`."""
         job = jobs.current()
         queued = jobs.queued_count()
+        if viewer is not None and (job is None or job.owner != viewer):
+            return _idle(len(jobs.view(viewer)))
         if job is None:
             return _idle(queued)
         latest = job.latest

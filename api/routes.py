@@ -81,8 +81,9 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
         return {}
 
     @router.get("/progress", response_model=ProgressResponse)
-    def progress(skip_current_image: bool = Query(False)):
-        return tracker.report(ctx.jobs, skip_current_image)
+    def progress(skip_current_image: bool = Query(False), user: Optional[str] = Depends(authenticate)):
+        # A logged-in caller sees only their own job (previews show prompts' pictures).
+        return tracker.report(ctx.jobs, skip_current_image, viewer=owner(user) if user else None)
 
     # --- options and models ----------------------------------------------------------------
 

@@ -116,3 +116,35 @@ def test_admit_refuses_before_queueing():
     with pytest.raises(ValueError, match="at most 10"):
         queue.submit(GenerationRequest(steps=11), owner="a")
     assert queue.queued_count() == 0
+
+
+def test_rest_progress_shows_a_logged_in_user_only_their_own_job():
+    from PIL import Image
+
+    from api.progress import ProgressTracker
+    from pipelines.jobs import Progress
+
+    gate, reported = threading.Event(), threading.Event()
+
+    def run(request, report, token):
+        report(Progress(step=1, total_steps=4, batch_index=0, batch_count=1, preview=Image.new("RGB", (8, 8))))
+        reported.set()
+        gate.wait(10)
+        return GenerationResult(images=[], infotexts=[], seeds=[], paths=[])
+
+    queue = JobQueue(run)
+    tracker = ProgressTracker()
+    try:
+        job = queue.submit(GenerationRequest(prompt="private"), owner="user:alice")
+        queue.submit(GenerationRequest(prompt="b"), owner="user:bob")
+        assert reported.wait(5)
+        bob = tracker.report(queue, viewer="user:bob")
+        assert bob["progress"] == 0 and bob["current_image"] is None and bob["state"]["job_count"] == 1
+        alice = tracker.report(queue, viewer="user:alice")
+        assert alice["progress"] == 0.25 and alice["current_image"] is not None
+        assert tracker.report(queue)["current_image"] is not None  # no login: one local user sees all
+        gate.set()
+        job.result(10)
+    finally:
+        gate.set()
+        queue.stop()
