@@ -89,16 +89,17 @@ def test_embedding_files_are_a1111_format_and_load_without_pickle_code():
     assert torch.equal(load_file(ASSETS / "embeddings" / f"{EMBEDDING_NAME}-st.safetensors")["emb_params"], vectors)
 
 
-def test_embedding_reaches_the_text_encoder_through_the_engine(family):
-    from tools.tinyworld.evaluate import load_embedding_into_engine
+def test_embedding_is_used_by_name_in_the_prompt(family):
     from tools.tinyworld.ti import EMBEDDING_NAME, concept_prompt
 
     words = render(family, concept_prompt("red", "green square"), 7, SETTING)
-    load_embedding_into_engine(family, ASSETS)
     embedded = render(family, concept_prompt("red"), 7, SETTING)
+    twin = render(family, concept_prompt("red", f"{EMBEDDING_NAME}-st"), 7, SETTING)
     # the two vectors started as "green" and "square" and moved: a different picture, still a shape
     assert not np.array_equal(words, embedded)
     assert world.classify(embedded).shape is not None
+    assert np.array_equal(embedded, twin)  # the .safetensors holds the same vectors as the .pt
+    assert np.array_equal(render(family, concept_prompt("red", "green square"), 7, SETTING), words)
 
 
 # (fg, shape, bg), seed: with the LoRA at weight 1 each came out striped (stripe score 110-132),

@@ -113,18 +113,6 @@ def concept_accuracy(manager, seeds: list[int], setting: Setting = Setting()) ->
     return result
 
 
-def load_embedding_into_engine(manager, assets_dir: Path) -> None:
-    """INTEGRATION POINT (adapters lane): until the engine loads models/embeddings itself, add
-    the embedding to the loaded checkpoint's shared tokenizer/text encoder the way the cross-lane
-    contract says the adapters lane will (diffusers' load_textual_inversion with token=name)."""
-    from tools.tinyworld.ti import EMBEDDING_NAME
-
-    with manager.pipeline("txt2img", None, "None") as active:
-        if EMBEDDING_NAME not in active.pipe.tokenizer.get_vocab():
-            active.pipe.load_textual_inversion(str(assets_dir / "embeddings" / f"{EMBEDDING_NAME}.pt"),
-                                               token=EMBEDDING_NAME)
-
-
 def texture_scores(manager, pairs, weights=(0.0, 0.5, 1.0), setting: Setting = Setting()) -> dict:
     """Fraction of striped images at each LoRA weight (prompt tag + trigger word), and whether
     weight 0 gives the base picture pixel for pixel."""
@@ -174,7 +162,6 @@ def evaluate_family(manager, assets_dir: Path, n_pairs: int, setting: Setting, o
 
         results["vae2"] = colour_shift(manager, OUTPUT_NAME, pairs[:20], setting)
     if "ti" in only and (assets_dir / "embeddings").is_dir():
-        load_embedding_into_engine(manager, assets_dir)
         results["ti"] = concept_accuracy(manager, [s for _, s in pairs], setting)
     if "lora" in only and (assets_dir / "Lora").is_dir():
         results["lora"] = texture_scores(manager, pairs[:20], setting=setting)
