@@ -7,6 +7,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from PIL import Image
 
@@ -21,11 +22,15 @@ _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 class ImageLimits:
     max_pixels: int = uploads.DEFAULT_MAX_PIXELS
     max_bytes: int = uploads.DEFAULT_MAX_BYTES
+    fetch_urls: Callable[[str, int], bytes] | None = None  # set when URLs are allowed (api.fetch)
 
     @classmethod
-    def from_settings(cls, settings) -> "ImageLimits":
+    def from_settings(cls, settings, allow_urls: bool = False) -> "ImageLimits":
+        from api.fetch import fetch
+
         return cls(max_pixels=int(getattr(settings, "max_upload_pixels", cls.max_pixels)),
-                   max_bytes=int(getattr(settings, "max_upload_mb", cls.max_bytes / (1 << 20)) * (1 << 20)))
+                   max_bytes=int(getattr(settings, "max_upload_mb", cls.max_bytes / (1 << 20)) * (1 << 20)),
+                   fetch_urls=fetch if allow_urls else None)
 
 
 def decode_image(text: object, what: str = "image", limits: ImageLimits = ImageLimits()) -> Image.Image:
@@ -34,7 +39,13 @@ def decode_image(text: object, what: str = "image", limits: ImageLimits = ImageL
         raise ValueError(f"{what} must be a base64-encoded image string")
     text = text.strip()
     if _URL.match(text):
-        raise ValueError(f"{what}: image URLs are not accepted; send the image as base64")
+        if limits.fetch_urls is None:
+            raise ValueError(f"{what}: image URLs are not accepted; send the image as base64")
+        try:
+            data = limits.fetch_urls(text, limits.max_bytes)
+            return uploads.decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from None
     text = _DATA_URL.sub("", text, count=1)
     if text.startswith(("/", "./", "../", "~")) or re.match(r"^[A-Za-z]:[\\/]", text):
         raise ValueError(f"{what}: file paths are not accepted; send the image as base64")

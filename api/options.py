@@ -31,8 +31,9 @@ _FIXED: Mapping[str, Any] = {
     "add_vae_hash_to_info": True, "add_vae_name_to_info": True,
     "live_previews_enable": True, "show_progress_every_n_steps": 2, "eta_ddim": 0.0,
     "eta_ancestral": 1.0, "randn_source": "CPU", "sd_vae_overrides_per_model_preferences": True,
-    "api_enable_requests": False, "api_forbid_local_requests": True,
+    "api_forbid_local_requests": True,
 }
+ENABLE_REQUESTS = "api_enable_requests"  # config.json only; the API cannot change it
 
 LoadModel = Callable[[str, str], None]  # (checkpoint name, vae) -> loaded, or raises
 
@@ -48,6 +49,7 @@ class ApiOptions:
         for key in CHANGEABLE:
             if key in stored:
                 self._values[key] = stored[key]
+        self.allow_urls = stored.get(ENABLE_REQUESTS) is True
         if not self._values[CHECKPOINT]:
             # Pinned at start-up, as A1111 does: a checkpoint added later (a merge) that sorts
             # first must not silently become what API requests use.
@@ -87,6 +89,7 @@ class ApiOptions:
             "sd_checkpoint_hash": self._registry.cached_sha256(entry) if entry else None,
             VAE: self.vae,
             CLIP_SKIP: self.clip_skip,
+            ENABLE_REQUESTS: self.allow_urls,
             **_FIXED,
         }
 

@@ -27,7 +27,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
     router = APIRouter(prefix=PREFIX, route_class=JSONErrorRoute, dependencies=[Depends(authenticate)],
                        tags=["sdapi"])
     tracker = ProgressTracker()
-    limits = ImageLimits.from_settings(ctx.settings)
+    limits = ImageLimits.from_settings(ctx.settings, allow_urls=options.allow_urls)
 
     def run(request: GenerationRequest, user: str):
         job = ctx.jobs.submit(request, owner(user))

@@ -566,3 +566,61 @@ def test_a_pasted_infotext_fills_the_fields_the_request_leaves_out(client, ctx):
     assert (request.cfg_scale, request.width, request.height, request.clip_skip) == (4.5, 64, 128, 2)
     assert request.seed == 7  # given in the request: it wins
     assert (request.enable_hr, request.hr_scale, request.hr_upscaler) == (True, 1.5, "Lanczos")
+
+
+# --- image URLs (off unless config.json says "api_enable_requests": true) -------------------------
+
+def test_urls_when_enabled_still_never_reach_local_or_private_addresses(ctx):
+    ctx.settings.config_file.write_text(json.dumps({"api_enable_requests": True}))
+    client = make_client(ctx)
+    assert client.get("/sdapi/v1/options").json()["api_enable_requests"] is True
+    client.post("/sdapi/v1/options", json={"api_enable_requests": False})  # the API cannot change it
+    assert client.get("/sdapi/v1/options").json()["api_enable_requests"] is True
+    for url, message in (("http://127.0.0.1:1/x.png", "not a public address"), ("http://localhost/x.png", "not a public address"),
+                         ("http://10.0.0.8/x.png", "not a public address"), ("http://169.254.169.254/latest", "not a public address"),
+                         ("http://[::1]/x.png", "not a public address"), ("file:///etc/passwd", "only http(s)"),
+                         ("ftp://example.com/x.png", "only http(s)")):
+        response = client.post("/sdapi/v1/img2img", json={"init_images": [url], "width": 64, "height": 64})
+        assert response.status_code == 422 and message in response.json()["detail"], (url, response.text)
+    assert ctx.jobs.submitted == []
+
+
+def test_fetch_reads_the_image_from_the_checked_address_without_redirects(tmp_path):
+    import http.server
+    import threading
+
+    from api import fetch
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "green").save(png, "PNG")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "http://127.0.0.1/secret")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(png.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        # A name that "resolves" to the test server; loopback allowed only for this test.
+        kwargs = dict(resolve=lambda host, p: ["127.0.0.1"], allowed=lambda address: True)
+        data = fetch.fetch(f"http://images.example:{port}/cat.png", 1 << 20, **kwargs)
+        assert Image.open(io.BytesIO(data)).getpixel((0, 0)) == (0, 128, 0)
+        with pytest.raises(ValueError, match="HTTP 302"):
+            fetch.fetch(f"http://images.example:{port}/moved", 1 << 20, **kwargs)
+        with pytest.raises(ValueError, match="larger than"):
+            fetch.fetch(f"http://images.example:{port}/cat.png", 10, **kwargs)
+        with pytest.raises(ValueError, match="not a public address"):  # the real check refuses loopback
+            fetch.fetch(f"http://127.0.0.1:{port}/cat.png", 1 << 20)
+    finally:
+        server.shutdown()
