@@ -12,12 +12,15 @@ import torch
 from pipelines.ldm_convert import unet_to_ldm
 
 
-def tiny_controlnet(unet, seed: int = 0, zero_conv_std: float = 0.05, family: str = "tinyworld"):
+def tiny_controlnet(unet, seed: int = 0, zero_conv_std: float = 0.05, family: str = "tinyworld",
+                    hint: tuple[int, ...] | None = None):
+    """`hint`: the control-image encoder's channels, one stride-2 step per VAE downsampling
+    (default: those of the bundled config of `family`)."""
     from diffusers import ControlNetModel
 
     from pipelines.control.models import config_dir
 
-    hint = ControlNetModel.load_config(config_dir(family))["conditioning_embedding_out_channels"]
+    hint = hint or ControlNetModel.load_config(config_dir(family))["conditioning_embedding_out_channels"]
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(hint))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -228,7 +228,7 @@ def attach(manager, active, request) -> Iterator[tuple[Any, dict[str, Any]]]:
                 else:
                     key = ("controlnet", str(r.entry.path), r.entry.mtime, r.entry.size)
                     net = _cached(manager, keys, key, lambda entry=r.entry: _load_counted(manager, entry))
-                    models.check_compatible(r.entry, models.loaded_family(net), active.arch, active.checkpoint.name)
+                    models.check_fits_unet(r.entry, net, active.pipe.unet, active.checkpoint.name)
                 nets.append(_on_device(manager, net))
             multi = make_unit_controlnets(nets, [r.unit.control_mode for r in controlnets], request.cfg_scale > 1)
             cls = control_pipeline_class(active.arch.is_sdxl, request.task)

@@ -131,3 +131,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def loaded_family(model) -> str | None:
     return _FAMILY_BY_CONTEXT_DIM.get(int(model.config.cross_attention_dim))
+
+
+def check_fits_unet(entry: ModelEntry, model, unet, checkpoint_name: str) -> None:
+    """After loading: the ControlNet must read the UNet's text context and, for SDXL, its
+    size/time embedding (what any .pth or folder could not tell before)."""
+    mine, theirs = model.config, unet.config
+    if int(mine.cross_attention_dim) != int(theirs.cross_attention_dim) or \
+            mine.addition_embed_type != theirs.addition_embed_type:
+        raise ValueError(f"ControlNet {entry.name} is for {family_label(loaded_family(model))}, but the checkpoint "
+                         f"{checkpoint_name} does not match it: pick a ControlNet made for its base model")

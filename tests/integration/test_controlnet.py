@@ -228,3 +228,33 @@ def test_gligen_with_ip_adapter_and_bad_boxes(control_engine, baseline):
         run(control_engine, gligen_boxes=GLIGEN["gligen_boxes"])
     with pytest.raises(ValueError, match="cannot run together"):
         run(control_engine, UNIT, **GLIGEN)
+
+
+# --- SDXL ------------------------------------------------------------------------------------
+
+def test_controlnet_on_a_tiny_sdxl_checkpoint(tmp_path, control_engine):
+    """The SDXL ControlNet pipelines (text_time embedding reaches the ControlNet) through the
+    same code: a ControlNet made from a tiny SDXL UNet, saved as a diffusers folder."""
+    from tests import factories
+
+    factories.write_tiny_sdxl_checkpoint(tmp_path / "models" / "Stable-diffusion" / "tinyxl", seed=0)
+    manager, _ = make_engine(tmp_path, tmp_path / "data")
+    with manager.pipeline("txt2img", "tinyxl") as active:
+        assert active.arch.is_sdxl
+        vae_steps = len(active.pipe.vae.config.block_out_channels)  # this tiny VAE downsamples once
+        controlnet = tiny_controlnet(active.pipe.unet, seed=2, hint=(16, 32, 96, 256)[:vae_steps])
+    controlnet.save_pretrained(tmp_path / "models" / "ControlNet" / "tinyxl_canny")
+    # a tiny-world ControlNet: the same context width (64), but no SDXL size/time embedding
+    with control_engine.pipeline("txt2img", None) as active:
+        tiny_controlnet(active.pipe.unet, seed=1).save_pretrained(tmp_path / "models" / "ControlNet" / "tw_canny")
+    manager.registry.refresh()
+    request = BASE.with_changes(checkpoint="tinyxl", steps=3)
+    off = np.asarray(generate(manager, None, request).images[0]).astype(float)
+    unit = UNIT.with_changes(model="tinyxl_canny")
+    on = np.asarray(generate(manager, None, request.with_changes(control_units=(unit,))).images[0]).astype(float)
+    zero = np.asarray(generate(manager, None, request.with_changes(
+        control_units=(unit.with_changes(weight=0),))).images[0]).astype(float)
+    assert distance(on, off) > 1 and np.array_equal(zero, off)
+    # the SD1-class tiny-world ControlNet does not fit this UNet: refused after loading
+    with pytest.raises(ValueError, match="pick a ControlNet made for its base model"):
+        generate(manager, None, request.with_changes(control_units=(unit.with_changes(model="tw_canny"),)))
