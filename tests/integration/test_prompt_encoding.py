@@ -149,3 +149,38 @@ def test_sdxl_empty_negative_is_zeros(sdxl_pipe):
     kwargs = cond.pipeline_kwargs()
     assert not kwargs["negative_prompt_embeds"].any() and not kwargs["negative_pooled_prompt_embeds"].any()
     assert torch.equal(kwargs["prompt_embeds"], _encode(sdxl_pipe, "a cat ").embeds)
+
+
+@pytest.fixture(scope="module")
+def sdxl_full(sdxl_pipe):
+    """The tiny SDXL encoders with a tiny text-time UNet and VAE: a pipeline that samples."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=2, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16).eval()
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), norm_num_groups=8).eval()
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=sdxl_pipe.text_encoder, tokenizer=sdxl_pipe.tokenizer,
+                                     text_encoder_2=sdxl_pipe.text_encoder_2, tokenizer_2=sdxl_pipe.tokenizer_2,
+                                     unet=unet, scheduler=EulerDiscreteScheduler())
+
+
+def test_sdxl_sampling_with_editing_and_and(sdxl_full):
+    def run(prompt):
+        cond = build_conditioning(sdxl_full, [prompt] * 2, ["", "ugly"], steps=2)
+        cond.install(sdxl_full)
+        latents = sdxl_full(**cond.pipeline_kwargs(), num_inference_steps=2, guidance_scale=5, width=32, height=32,
+                            output_type="latent", generator=[torch.Generator().manual_seed(1) for _ in range(2)],
+                            callback_on_step_end=lambda pipe, i, _t, _k: cond.callback_outputs(pipe, i),
+                            callback_on_step_end_tensor_inputs=["latents", *cond.tensor_inputs]).images
+        cond.finish()
+        return latents
+
+    plain, edited, composed = run("a cat"), run("[a cat:a dog:1]"), run("a cat AND a dog :0.5")
+    assert plain.shape == edited.shape == composed.shape == (2, 4, 32, 32)
+    assert not torch.equal(plain, edited) and not torch.equal(plain, composed)
+    assert type(sdxl_full.unet).__name__ == "UNet2DConditionModel"  # the AND wrapper is gone
