@@ -57,6 +57,10 @@ class _CheckpointLoras:
     """What is resident in one loaded checkpoint's modules, least recently used first."""
     resident: "OrderedDict[tuple, str]" = field(default_factory=OrderedDict)  # file key -> adapter
     reports: dict[str, str] = field(default_factory=dict)  # adapter -> partial-match report
+    # What the last request selected (adapter, te, unet weights) and the resulting per-component
+    # selection; None after any load or delete. The same wish again changes nothing.
+    selected: tuple | None = None
+    selection: dict[str, list[str]] = field(default_factory=dict)
 
 
 class LoraStack:
@@ -102,7 +106,15 @@ class LoraStack:
         for entry, request in wanted:
             adapter = self._ensure_resident(pipe, state, entry, arch, checkpoint_name, keep)
             applied.append(AppliedLora(entry, request.te_weight, request.unet_weight, adapter))
-        selection = self._select(pipe, applied)
+        wish = tuple((a.adapter, a.te_weight, a.unet_weight) for a in applied)
+        if not state.resident:
+            selection = {}  # nothing was ever loaded into this checkpoint: nothing to switch off
+        elif wish == state.selected:
+            selection = state.selection  # diff-then-apply: already selected
+        else:
+            state.selected = None  # a failure half-way must not look like a finished selection
+            selection = self._select(pipe, applied)
+            state.selected, state.selection = wish, selection
         if self.fuse and any(selection.values()):
             with _fused(pipe, selection):
                 yield applied
@@ -135,6 +147,7 @@ class LoraStack:
         expected = lora_files.lora_module_count(state_dict)
         adapter = "lora_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
         self.load_counts["lora"] += 1
+        state.selected = None  # a load, even a failed one, may change which adapters are active
         try:
             pipe.load_lora_weights(state_dict, adapter_name=adapter)
         except Exception as exc:
@@ -154,6 +167,7 @@ class LoraStack:
             log.warning(report)
             state.reports[adapter] = report
         state.resident[key] = adapter
+        state.selected = None  # diffusers activates what it loads: select again
         return adapter
 
     def _make_room(self, pipe, state: _CheckpointLoras, keep: set[tuple]) -> None:
@@ -163,6 +177,7 @@ class LoraStack:
                 return  # everything resident is wanted now: go over the cap for this request
             adapter = state.resident.pop(victim)
             state.reports.pop(adapter, None)
+            state.selected = None
             pipe.delete_adapters(adapter)
 
     @staticmethod

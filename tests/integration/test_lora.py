@@ -148,13 +148,14 @@ def test_resident_loras_are_capped_least_recently_used_first(lora_root, tmp_path
 
 def test_lora_for_another_architecture_is_refused_and_the_next_request_works(engine):
     manager, _ = engine
+    sdxl = _image(manager, checkpoint="tiny-sdxl")
+    assert sdxl.shape == (64, 64, 3) and sdxl.std() > 0
     with pytest.raises(ValueError, match=r"made for SD1 .*tiny-sdxl is SDXL"):
         _image(manager, [LoraRequest("sd1-tagged")], checkpoint="tiny-sdxl")
     # no base-model metadata: the keys and shapes decide, and the message names both sides
     with pytest.raises(ValueError, match=r"untagged.*SDXL checkpoint tiny-sdxl"):
         _image(manager, [LoraRequest("untagged")], checkpoint="tiny-sdxl")
-    sdxl = _image(manager, checkpoint="tiny-sdxl")
-    assert sdxl.shape == (64, 64, 3) and sdxl.std() > 0
+    # the failed load left nothing behind: the next request is the same SDXL image
     assert np.array_equal(_image(manager, checkpoint="tiny-sdxl"), sdxl)
 
 
