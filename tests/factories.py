@@ -329,3 +329,34 @@ def write_tiny_hypernetwork(path, seed: int = 0, widths: tuple[int, ...] = (64, 
     path = _prepare(path)
     torch.save(data, path)
     return path
+
+
+def write_tiny_sdxl_lora(path, sdxl_folder, seed: int = 0, rank: int = 4, alpha: float = 2.0,
+                         scale: float = 0.3) -> Path:
+    """A random kohya SDXL LoRA (`lora_unet_*`, `lora_te1_*`, `lora_te2_*`) for a checkpoint made
+    by write_tiny_sdxl_checkpoint, tagged `ss_base_model_version: sdxl_base_v1-0`."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(sdxl_folder)
+    modules = {"lora_unet_": UNet2DConditionModel.from_pretrained(folder / "unet"),
+               "lora_te1_": CLIPTextModel.from_pretrained(folder / "text_encoder"),
+               "lora_te2_": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")}
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for prefix, model in modules.items():
+        for name, layer in sorted(model.named_modules()):
+            if not isinstance(layer, nn.Linear):
+                continue
+            if prefix == "lora_unet_" and not (".attn" in name and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v")):
+                continue
+            if prefix != "lora_unet_" and "self_attn" not in name:
+                continue
+            key = prefix + name.replace(".", "_")
+            tensors[key + ".lora_down.weight"] = torch.randn(rank, layer.in_features, generator=generator) * scale
+            tensors[key + ".lora_up.weight"] = torch.randn(layer.out_features, rank, generator=generator) * scale
+            tensors[key + ".alpha"] = torch.tensor(alpha)
+    path = _prepare(path)
+    save_file(tensors, str(path), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    return path

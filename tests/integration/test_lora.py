@@ -20,7 +20,8 @@ def lora_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lora-models")
     models = root / "models"
     factories.write_tiny_checkpoint(models / "Stable-diffusion" / "tiny.safetensors", seed=0)
-    factories.write_tiny_sdxl_checkpoint(models / "Stable-diffusion" / "tiny-sdxl", seed=0)
+    sdxl = factories.write_tiny_sdxl_checkpoint(models / "Stable-diffusion" / "tiny-sdxl", seed=0)
+    factories.write_tiny_sdxl_lora(models / "Lora" / "xl-style.safetensors", sdxl, seed=3)
     lora = models / "Lora"
     for seed, name in enumerate(("style-a", "style-b", "style-c")):
         factories.write_tiny_lora(lora / f"{name}.safetensors", seed=seed)
@@ -188,3 +189,20 @@ def test_prompt_tags_apply_loras_and_the_infotext_brings_them_back(engine):
     assert parsed["Lora hashes"].startswith(f"style-a: {hashes}, style-b: ")
     again, _ = run(parsed["Prompt"])
     assert np.array_equal(again, tagged)
+
+
+def test_kohya_sdxl_lora_uses_both_text_encoders_and_the_unet(engine):
+    manager, _ = engine
+    base = _image(manager, checkpoint="tiny-sdxl")
+    assert manager.registry.find("lora", "xl-style").arch.value == "sdxl"
+    full = _image(manager, [LoraRequest("xl-style", 1.0, 1.0)], checkpoint="tiny-sdxl")
+    te_only = _image(manager, [LoraRequest("xl-style", 1.0, 0.0)], checkpoint="tiny-sdxl")
+    assert np.abs(full - base).max() > 4 and not np.array_equal(te_only, base)
+    with manager.pipeline("txt2img", "tiny-sdxl", loras=(LoraRequest("xl-style"),)) as active:
+        adapter = active.loras[0].adapter
+        for component in ("unet", "text_encoder", "text_encoder_2"):
+            layers = [m for m in getattr(active.pipe, component).modules() if hasattr(m, "lora_A")]
+            assert any(adapter in m.lora_A for m in layers), component
+    assert np.array_equal(_image(manager, [LoraRequest("xl-style", 0.0, 0.0)], checkpoint="tiny-sdxl"), base)
+    with pytest.raises(ValueError, match=r"made for SDXL .*tiny.safetensors is tiny-world"):
+        _image(manager, [LoraRequest("xl-style")])
