@@ -16,6 +16,7 @@ def mount(app: Any, ctx: Any, verify: Optional[Callable[[str, str], bool]]) -> N
     from fastapi.openapi.utils import get_openapi
 
     from api import controlnet, mapping, scripts
+    from api.images import ImageLimits
     from api.options import ApiOptions
     from api.routes import build_router, checkpoint_loader
 
@@ -25,7 +26,8 @@ def mount(app: Any, ctx: Any, verify: Optional[Callable[[str, str], bool]]) -> N
     app.include_router(router)
     routers = [router]
     if scripts.controlnet_available(mapping.request_fields()):
-        routers.append(controlnet.build_router(ctx, authenticate))
+        limits = ImageLimits.from_settings(ctx.settings, allow_urls=options.allow_urls)
+        routers.append(controlnet.build_router(ctx, authenticate, limits))
         app.include_router(routers[-1])
     schema = {}
 

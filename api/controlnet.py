@@ -86,10 +86,9 @@ def control_types(registry: Any) -> dict[str, Any]:
     return types
 
 
-def build_router(ctx: Any, authenticate) -> APIRouter:
+def build_router(ctx: Any, authenticate, limits: ImageLimits) -> APIRouter:
     router = APIRouter(prefix="/controlnet", route_class=JSONErrorRoute, dependencies=[Depends(authenticate)],
                        tags=["controlnet"])
-    limits = ImageLimits.from_settings(ctx.settings)
 
     @router.get("/version")
     def version() -> dict[str, int]:
