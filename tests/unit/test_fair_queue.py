@@ -148,3 +148,26 @@ def test_rest_progress_shows_a_logged_in_user_only_their_own_job():
     finally:
         gate.set()
         queue.stop()
+
+
+def test_a_waiting_ui_job_shows_how_many_jobs_are_ahead(monkeypatch):
+    import ui.generation as generation
+
+    monkeypatch.setattr(generation, "QUEUE_POLL_S", 0.05)
+    order, gate = [], threading.Event()
+    queue = JobQueue(_gated_run(order, gate), max_queued_per_user=10)
+    seen = []
+    try:
+        _first, _jobs = _submit_while_blocked(queue, gate, [("a", "a1")])
+
+        def progress(fraction, desc):
+            seen.append(desc)
+            if len(seen) == 3:
+                gate.set()
+
+        outputs = list(generation.stream_job(queue, GenerationRequest(prompt="mine"), "b", progress))
+    finally:
+        gate.set()
+        queue.stop()
+    assert seen[0] == "queued: 2 job(s) ahead of yours"  # the running job and a1
+    assert outputs[-1][1]["infotexts"] == ["mine"] and order == ["first", "a1", "mine"]
