@@ -118,3 +118,40 @@ def test_vae_from_infotext(tmp_path):
     assert vae_from_infotext(registry, {"VAE": "renamed.safetensors", "VAE hash": shorthash}) == "warm.safetensors"
     assert vae_from_infotext(registry, {"VAE": "gone.safetensors"}) is None
     assert vae_from_infotext(registry, {"Steps": 20}) is None
+
+
+def test_tab_handlers_insert_tags_and_remember_the_vae_per_checkpoint(tmp_path):
+    import inspect
+    from types import SimpleNamespace
+
+    import app
+    from pipelines.settings import Settings
+    from ui.layout import build_ui
+
+    data = tmp_path / "data"
+    factories.write_tiny_checkpoint(data / "models" / "Stable-diffusion" / "a.safetensors")
+    factories.write_tiny_vae(data / "models" / "VAE" / "warm.safetensors")
+    factories.write_tiny_lora(data / "models" / "Lora" / "ink.safetensors")
+    ctx = app.build_context(Settings(data_dir=data))
+    blocks, reg = build_ui(ctx)
+
+    def handler(qualname, kind=None):
+        for fn in blocks.fns.values():
+            closure = inspect.getclosurevars(fn.fn).nonlocals if fn.fn.__qualname__ == qualname else None
+            if closure is not None and (kind is None or closure.get("kind") == kind
+                                        or getattr(closure.get("entries"), "__name__", "") == kind + "s"):
+                return fn.fn
+        raise AssertionError(f"no handler {qualname} {kind}")
+
+    items, names = handler("_build_cards.<locals>.show", "lora")("", "")
+    assert names == ["ink.safetensors"] and items[0][1] == "ink · tiny-world"
+    click = handler("_build_cards.<locals>.click", "lora")
+    out = click(names, "txt2img negative prompt", "a cat", "blurry", "", "", evt=SimpleNamespace(index=0))
+    assert out[1] == "blurry <lora:ink:1>" and out[5] == "ink.safetensors"
+    out = click(names, "txt2img negative prompt", "a cat", "blurry <lora:ink:1>", "", "", evt=SimpleNamespace(index=0))
+    assert out[1] == "blurry"  # a second click takes it out again
+
+    handler("_build_vae_tab.<locals>.remember")("a.safetensors", "warm.safetensors")
+    assert handler("_build_vae_tab.<locals>.recall")("a.safetensors", "Automatic") == (
+        "warm.safetensors", "warm.safetensors")
+    assert (data / "vae-preferences.json").is_file()
