@@ -20,6 +20,7 @@ from pipelines.metadata import format_infotext
 from pipelines.outputs import OutputStore
 from pipelines.preview import latent_preview
 from pipelines.prompts.conditioning import build_conditioning
+from pipelines.prompts.parser import uses_emphasis
 from pipelines.prompts.source import ImagePrompt, PromptSource
 from pipelines.request import GenerationRequest, GenerationResult
 from pipelines.version import INFOTEXT_VERSION
@@ -92,7 +93,8 @@ def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[i
     # A1111 prompt language: weights, chunks, clip skip; editing switched from the step callback
     prompts = prompts or [ImagePrompt(request.prompt, request.negative_prompt)] * len(seeds)
     conditioning = build_conditioning(pipe, [p.prompt for p in prompts], [p.negative_prompt for p in prompts],
-                                      steps=_sampling_steps(request), clip_skip=request.clip_skip)
+                                      steps=_sampling_steps(request), clip_skip=request.clip_skip,
+                                      emphasis=request.emphasis)
     conditioning.install(pipe)  # AND (composable diffusion) wraps this request's UNet until finish()
     callback = _step_callback(active, request, batch_index, progress, cancel, hooks, tuple(seeds),
                               conditioning.callback_outputs)
@@ -262,6 +264,8 @@ def _infotext_params(manager: PipelineManager, active: ActivePipeline, request: 
         params["Denoising strength"] = _number(request.denoising_strength)
     if request.clip_skip > 1:  # A1111 writes it only when it is not the default
         params["Clip skip"] = request.clip_skip
+    if request.emphasis != "Original" and (uses_emphasis(request.prompt) or uses_emphasis(request.negative_prompt)):
+        params["Emphasis"] = request.emphasis  # A1111: only a non-default mode that matters
     if request.task == "inpaint":
         params["Mask blur"] = request.mask_blur
         if request.inpainting_mask_invert:

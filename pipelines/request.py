@@ -67,6 +67,7 @@ class GenerationRequest:
     refiner_switch_at: float = 0.8
     styles: tuple[str, ...] = ()  # names from data/styles.csv, applied in order before parsing
     clip_skip: int = 1  # A1111 "Clip skip" 1..12
+    emphasis: str = "Original"  # A1111 emphasis mode: "Original" (mean restored) or "No norm"
     wildcard_mode: str = "random"  # "random" or "combinatorial" over the batch
 
     def __post_init__(self) -> None:
@@ -114,6 +115,8 @@ class GenerationRequest:
             yield "styles must be a list of style names"
         if not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
             yield f"clip skip must be a whole number from 1 to 12, got {self.clip_skip}"
+        if self.emphasis not in ("Original", "No norm"):
+            yield f"emphasis must be Original or No norm, got '{self.emphasis}'"
         if self.wildcard_mode not in ("random", "combinatorial"):
             yield f"wildcard mode must be random or combinatorial, got '{self.wildcard_mode}'"
         if not 0 <= self.inpaint_full_res_padding <= 1024:

@@ -90,6 +90,7 @@ def generation_info(request: GenerationRequest, result: GenerationResult) -> dic
         "height": request.height,
         "styles": list(request.styles),
         "clip_skip": request.clip_skip,
+        "emphasis": request.emphasis,
         "seed": result.seeds[0] if result.seeds else request.seed,
         "seeds": list(result.seeds),
         "infotexts": list(result.infotexts),

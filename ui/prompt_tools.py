@@ -7,12 +7,13 @@ import gradio as gr
 
 from pipelines.configs import load_tokenizer
 from pipelines.prompts.counter import format_count, prompt_token_count
+from pipelines.prompts.encoding import EMPHASIS_MODES
 from pipelines.prompts.styles import Style
 from pipelines.prompts.wildcards import WILDCARD_MODES
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 
-FIELDS = ("styles", "clip_skip", "wildcard_mode")
+FIELDS = ("styles", "clip_skip", "emphasis", "wildcard_mode")
 
 
 def token_counters(reg: ComponentRegistry, tab: str, box: str) -> None:
@@ -37,6 +38,8 @@ def build(ctx: AppContext, reg: ComponentRegistry, tab: str) -> None:
         reg.add(f"{tab}.styles_refresh", gr.Button("🔄", scale=0, min_width=48, elem_id=f"{tab}_styles_refresh"))
         reg.add(f"{tab}.clip_skip", gr.Slider(1, 12, value=1, step=1, label="Clip skip", scale=2,
                                               elem_id=f"{tab}_clip_skip"))
+        reg.add(f"{tab}.emphasis", gr.Radio(list(EMPHASIS_MODES), value="Original", label="Emphasis", scale=2,
+                                            elem_id=f"{tab}_emphasis"))
         reg.add(f"{tab}.wildcard_mode", gr.Radio(list(WILDCARD_MODES), value="random", label="Wildcards",
                                                  scale=2, elem_id=f"{tab}_wildcard_mode"))
     with gr.Accordion("Edit styles", open=False, elem_id=f"{tab}_styles_editor"):

@@ -11,7 +11,7 @@ from pipelines.request import GenerationRequest
 from ui.control_form import units_from_form
 
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale",
-                 "width", "height", "seed", "batch_count", "batch_size", "styles", "clip_skip", "wildcard_mode")
+                 "width", "height", "seed", "batch_count", "batch_size", "styles", "clip_skip", "emphasis", "wildcard_mode")
 MODEL_FIELDS = ("checkpoint", "vae")
 # hires fix + SDXL refiner (A1111 API names); denoising_strength is the hires pass's here
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
@@ -109,6 +109,7 @@ def _common(values: Mapping[str, Any]) -> dict[str, Any]:
         "batch_size": _number(values, "batch_size", int, 1),
         "styles": tuple(values.get("styles") or ()),
         "clip_skip": _number(values, "clip_skip", int, 1),
+        "emphasis": values.get("emphasis") or "Original",
         "wildcard_mode": values.get("wildcard_mode") or "random",
         "control_units": units_from_form(values),
         "gligen_model": values.get("gligen_model") or "",

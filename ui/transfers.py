@@ -13,7 +13,7 @@ from ui.context import AppContext
 INFOTEXT_KEYS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "steps": "Steps",
                  "sampler": "Sampler", "schedule": "Schedule type", "cfg_scale": "CFG scale",
                  "seed": "Seed", "width": "Size-1", "height": "Size-2", "styles": "Styles array",
-                 "clip_skip": "Clip skip"}
+                 "clip_skip": "Clip skip", "emphasis": "Emphasis"}
 FORM_FIELDS = tuple(INFOTEXT_KEYS)
 _NUMBERS = {"steps": int, "seed": int, "width": int, "height": int, "cfg_scale": float, "clip_skip": int}
 

@@ -77,3 +77,15 @@ def test_and_composable_diffusion(manager):
     # the request's pipeline is left without the wrapper: a plain run after it is unchanged
     _, again = _run(manager, red_prompt, batch_size=2)
     assert np.array_equal(again, red)
+
+
+def test_no_norm_emphasis_changes_weighted_prompts_and_is_recorded(manager):
+    weighted = "a white circle on a (yellow:1.5) background"
+    original, original_px = _run(manager, weighted, batch_size=1, steps=3)
+    no_norm, no_norm_px = _run(manager, weighted, batch_size=1, steps=3, emphasis="No norm")
+    assert not np.array_equal(original_px, no_norm_px)
+    assert "Emphasis" not in original.infotexts[0]
+    assert parse_infotext(no_norm.infotexts[0])["Emphasis"] == "No norm"
+    plain, plain_px = _run(manager, "a white circle", batch_size=1, steps=3, emphasis="No norm")
+    _, plain_original_px = _run(manager, "a white circle", batch_size=1, steps=3)
+    assert np.array_equal(plain_px, plain_original_px) and "Emphasis" not in plain.infotexts[0]

@@ -20,7 +20,7 @@ from ui.control_form import control_fields
 PUBLIC_ENDPOINTS = {"/txt2img", "/img2img", "/png_info", "/merge_checkpoints", "/merge_loras",
                     "/extras_single_image", "/extras_batch_images", "/extras_batch_directory", "/queue", "/cancel"}
 TXT2IMG_PARAMETERS = ["prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width",
-                      "height", "seed", "batch_count", "batch_size", "styles", "clip_skip", "wildcard_mode", "enable_hr", "hr_scale", "hr_upscaler",
+                      "height", "seed", "batch_count", "batch_size", "styles", "clip_skip", "emphasis", "wildcard_mode", "enable_hr", "hr_scale", "hr_upscaler",
                       "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint", "hr_sampler", "hr_prompt",
                       "hr_negative_prompt", "denoising_strength", "refiner_checkpoint", "refiner_switch_at",
                       "checkpoint", "vae"]
@@ -229,7 +229,7 @@ def test_infotext_fields_fill_the_txt2img_form():
     assert values == {"prompt": "a castle on a hill, (masterpiece:1.2)", "negative_prompt": "blurry",
                       "steps": 28, "sampler": "DPM++ 2M", "schedule": "Karras", "cfg_scale": 6.5,
                       "seed": 3141592653, "width": 512, "height": 768,
-                      "clip_skip": 1}  # A1111 default filled in: pasting resets clip skip
+                      "clip_skip": 1, "emphasis": "Original"}  # A1111 defaults filled in when pasting
 
 
 def test_png_info_reads_a_saved_png(tmp_path):
