@@ -89,3 +89,14 @@ def test_no_norm_emphasis_changes_weighted_prompts_and_is_recorded(manager):
     plain, plain_px = _run(manager, "a white circle", batch_size=1, steps=3, emphasis="No norm")
     _, plain_original_px = _run(manager, "a white circle", batch_size=1, steps=3)
     assert np.array_equal(plain_px, plain_original_px) and "Emphasis" not in plain.infotexts[0]
+
+
+def test_img2img_editing_switches_within_the_steps_it_runs(manager):
+    from PIL import Image
+
+    init = Image.new("RGB", (64, 64), PALETTE["green"])
+    img2img = dict(task="img2img", init_image=init, denoising_strength=0.75, steps=4, batch_size=2)
+    _, red = _run(manager, "a white circle on a red background", **img2img)
+    _, blue = _run(manager, "a white circle on a blue background", **img2img)
+    _, edited = _run(manager, "a white circle on a [red:blue:0.5] background", **img2img)
+    assert not np.array_equal(edited, red) and not np.array_equal(edited, blue)
