@@ -32,6 +32,7 @@ def build_context(settings):
     from pipelines.jobs import JobQueue
     from pipelines.limits import RequestLimits
     from pipelines.manager import PipelineManager
+    from pipelines.optimizations import Optimizations
     from pipelines.outputs import OutputStore
     from pipelines.registry import ModelRegistry
     from ui.context import AppContext
@@ -42,7 +43,9 @@ def build_context(settings):
     registry.refresh()
     device = resolve_device(settings.device)
     manager = PipelineManager(registry, ModelCache(settings.ram_cache_bytes()), device,
-                              resolve_dtype(settings.precision, device))
+                              resolve_dtype(settings.precision, device),
+                              optimizations=Optimizations(fast=settings.fast or settings.fast_compile,
+                                                          compile=settings.fast_compile))
     outputs = OutputStore(settings.outputs_dir)
     extensions = load_app_extensions(settings)
     prompts = PromptSource.for_data_dir(settings.data_dir)  # styles.csv + wildcards/

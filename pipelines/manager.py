@@ -21,6 +21,7 @@ from pipelines.adapters.lora_stack import AppliedLora, LoraRequest, LoraStack
 from pipelines.arch import Arch
 from pipelines.cache import ModelCache, module_bytes
 from pipelines.loading import LoadedCheckpoint, ModelLoadError
+from pipelines.optimizations import FastMode, Optimizations
 from pipelines.registry import ModelEntry, ModelRegistry
 
 AUTOMATIC_VAE = "Automatic"
@@ -40,7 +41,8 @@ class ActivePipeline:
 class PipelineManager:
     def __init__(self, registry: ModelRegistry, cache: ModelCache, device: torch.device,
                  dtype: torch.dtype, load_checkpoint: Callable[[ModelEntry, torch.dtype], LoadedCheckpoint] = loading.load_checkpoint,
-                 load_vae: Callable[[ModelEntry, Arch, torch.dtype], Any] = loading.load_vae) -> None:
+                 load_vae: Callable[[ModelEntry, Arch, torch.dtype], Any] = loading.load_vae,
+                 optimizations: Optimizations = Optimizations()) -> None:
         self.registry = registry
         self.cache = cache
         self.device = device
@@ -53,6 +55,7 @@ class PipelineManager:
         self.load_counts: Counter = Counter()  # loads from disk, by kind: the cache's effect
         # LoRAs stay resident in the loaded checkpoints; requests only select them.
         self.loras = LoraStack(registry, self.load_counts)
+        self.fast = FastMode(optimizations)  # fast mode: applied on activation, undone on switch
 
     # --- what the UI / API ask -------------------------------------------------------------
 
@@ -112,6 +115,7 @@ class PipelineManager:
                 components = dict(loaded.components)
                 if vae_module is not None:
                     components["vae"] = vae_module
+                self.fast.apply(components, with_loras=bool(loras))
                 pipe = self._task_pipeline(loaded.arch, task, components)
                 # Always called, also with no LoRAs: it switches off what the last request used.
                 with self.loras.activate(pipe, loaded.arch, ckpt_entry.label, loras) as applied:
@@ -159,6 +163,7 @@ class PipelineManager:
         # Loading may fail (corrupt file, wrong kind): the active checkpoint stays as it was.
         loaded = self.cache.get_or_load(self._ckpt_key(entry), load, size_of=lambda c: module_bytes(c.modules))
         if self._active_ckpt is not None:
+            self.fast.restore(self._active_ckpt.components)  # the cached copy goes back as loaded
             self._move(self._active_ckpt.modules.values(), torch.device("cpu"))
         self._move(loaded.modules.values(), self.device)
         self._active_ckpt = loaded

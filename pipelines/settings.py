@@ -46,6 +46,8 @@ class Settings:
     max_upload_mb: float = 25.0
     max_upload_pixels: int = 4096 * 4096
     api_auth: str | None = None  # user:pass[,u2:p2] for the REST API; default: --auth
+    fast: bool = False  # fast mode: channels_last + fused QKV (pipelines/optimizations.py)
+    fast_compile: bool = False  # fast mode plus regional torch.compile of the UNet
     control_net_unit_count: int = 3  # ControlNet units in the UI (the A1111 extension's option name)
 
     def __post_init__(self) -> None:
@@ -134,7 +136,8 @@ _FIELD_TYPES = {"data_dir": Path, "models_dir": Path, "embeddings_dir": Path, "a
                 "share": bool, "api": bool, "device": str, "precision": str, "auth": str,
                 "enable_insecure_extension_access": bool, "max_queued_per_user": int, "max_width": int,
                 "max_height": int, "max_steps": int, "max_batch_images": int, "max_upload_mb": float,
-                "max_upload_pixels": int, "api_auth": str, "control_net_unit_count": int}
+                "max_upload_pixels": int, "api_auth": str, "control_net_unit_count": int,
+                "fast": bool, "fast_compile": bool}
 
 
 def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -200,4 +203,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for name in ("max_width", "max_height", "max_steps", "max_batch_images", "max_upload_pixels"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
     p.add_argument("--max-upload-mb", dest="max_upload_mb", type=float)
+    p.add_argument("--fast", action="store_true", default=None,
+                   help="fast mode: channels_last + fused QKV projections (same images, faster on GPUs)")
+    p.add_argument("--fast-compile", dest="fast_compile", action="store_true", default=None,
+                   help="fast mode plus torch.compile of the UNet's repeated blocks (first image per size compiles)")
     return p

@@ -111,3 +111,11 @@ def test_with_overrides_validates_and_coerces(tmp_path):
     assert s.with_overrides(port="7500").port == 7500
     with pytest.raises(ValueError, match="device"):
         s.with_overrides(device="gpu")
+
+
+def test_fast_mode_flags_reach_settings(tmp_path):
+    from pipelines.settings import Settings
+    settings = Settings.from_sources(["--data-dir", str(tmp_path), "--fast"], environ={})
+    assert settings.fast and not settings.fast_compile
+    settings = Settings.from_sources(["--data-dir", str(tmp_path)], environ={"EASEL_FAST_COMPILE": "1"})
+    assert settings.fast_compile and not settings.fast
