@@ -45,7 +45,8 @@ def build_context(settings):
     manager = PipelineManager(registry, ModelCache(settings.ram_cache_bytes()), device,
                               resolve_dtype(settings.precision, device),
                               optimizations=Optimizations(fast=settings.fast or settings.fast_compile,
-                                                          compile=settings.fast_compile))
+                                                          compile=settings.fast_compile),
+                              memory=memory_options(settings))
     outputs = OutputStore(settings.outputs_dir)
     extensions = load_app_extensions(settings)
     prompts = PromptSource.for_data_dir(settings.data_dir)  # styles.csv + wildcards/
@@ -55,6 +56,13 @@ def build_context(settings):
     return AppContext(settings=settings, registry=registry, manager=manager, jobs=jobs,
                       outputs=outputs, presets=load_presets(PRESETS_DIR), authenticator=authenticator(settings),
                       extensions=extensions, prompts=prompts)
+
+
+def memory_options(settings):
+    from pipelines.memory import MemoryOptions
+
+    mode = "lowvram" if settings.lowvram else "medvram" if settings.medvram else "normal"
+    return MemoryOptions(mode=mode, vae_tile_above_pixels=settings.vae_tile_above_pixels)
 
 
 def load_app_extensions(settings):

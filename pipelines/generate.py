@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from pipelines import hires, imageops, refiner, samplers
+from pipelines import hires, imageops, memory, refiner, samplers
 from pipelines.adapters import attach as adapters
 from pipelines.control import apply as control
 from pipelines.hooks import NO_HOOKS, GenerationHooks, StepInfo
@@ -49,7 +49,8 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
     wishes = adapters.wishes_for(request, image_prompts)
     with manager.pipeline(request.task, request.checkpoint, request.vae, loras=wishes.loras) as active, \
             control.attach(manager, active, request) as (active, control_kwargs), \
-            adapters.attach(manager, active, request, wishes) as adapter_params:
+            adapters.attach(manager, active, request, wishes) as adapter_params, \
+            memory.vae_tiling(active.pipe.vae, manager.memory.wants_vae_tiling(*memory.final_size(request))):
         if sum(manager.load_counts.values()) != loads_before:
             hooks.model_loaded(manager.snapshot())
         params_common = hooks.extend_infotext(

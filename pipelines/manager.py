@@ -21,6 +21,7 @@ from pipelines.adapters.lora_stack import AppliedLora, LoraRequest, LoraStack
 from pipelines.arch import Arch
 from pipelines.cache import ModelCache, module_bytes
 from pipelines.loading import LoadedCheckpoint, ModelLoadError
+from pipelines.memory import MemoryOptions, MemoryPlan
 from pipelines.optimizations import FastMode, Optimizations
 from pipelines.registry import ModelEntry, ModelRegistry
 
@@ -42,7 +43,7 @@ class PipelineManager:
     def __init__(self, registry: ModelRegistry, cache: ModelCache, device: torch.device,
                  dtype: torch.dtype, load_checkpoint: Callable[[ModelEntry, torch.dtype], LoadedCheckpoint] = loading.load_checkpoint,
                  load_vae: Callable[[ModelEntry, Arch, torch.dtype], Any] = loading.load_vae,
-                 optimizations: Optimizations = Optimizations()) -> None:
+                 optimizations: Optimizations = Optimizations(), memory: MemoryOptions = MemoryOptions()) -> None:
         self.registry = registry
         self.cache = cache
         self.device = device
@@ -56,6 +57,7 @@ class PipelineManager:
         # LoRAs stay resident in the loaded checkpoints; requests only select them.
         self.loras = LoraStack(registry, self.load_counts)
         self.fast = FastMode(optimizations)  # fast mode: applied on activation, undone on switch
+        self.memory = MemoryPlan(memory)  # --medvram/--lowvram offload and automatic VAE tiling
 
     # --- what the UI / API ask -------------------------------------------------------------
 
@@ -118,7 +120,8 @@ class PipelineManager:
                 self.fast.apply(components, with_loras=bool(loras))
                 pipe = self._task_pipeline(loaded.arch, task, components)
                 # Always called, also with no LoRAs: it switches off what the last request used.
-                with self.loras.activate(pipe, loaded.arch, ckpt_entry.label, loras) as applied:
+                with self.loras.activate(pipe, loaded.arch, ckpt_entry.label, loras) as applied, \
+                        self.memory.offload(pipe, self.device):
                     yield ActivePipeline(pipe=pipe, checkpoint=ckpt_entry, vae=vae_entry, arch=loaded.arch,
                                          loras=applied)
             finally:

@@ -48,6 +48,9 @@ class Settings:
     api_auth: str | None = None  # user:pass[,u2:p2] for the REST API; default: --auth
     fast: bool = False  # fast mode: channels_last + fused QKV (pipelines/optimizations.py)
     fast_compile: bool = False  # fast mode plus regional torch.compile of the UNet
+    medvram: bool = False  # model CPU offload (pipelines/memory.py)
+    lowvram: bool = False  # sequential CPU offload
+    vae_tile_above_pixels: int = 1536 * 1536  # VAE tiling+slicing past this many pixels; 0: never
     control_net_unit_count: int = 3  # ControlNet units in the UI (the A1111 extension's option name)
 
     def __post_init__(self) -> None:
@@ -137,7 +140,8 @@ _FIELD_TYPES = {"data_dir": Path, "models_dir": Path, "embeddings_dir": Path, "a
                 "enable_insecure_extension_access": bool, "max_queued_per_user": int, "max_width": int,
                 "max_height": int, "max_steps": int, "max_batch_images": int, "max_upload_mb": float,
                 "max_upload_pixels": int, "api_auth": str, "control_net_unit_count": int,
-                "fast": bool, "fast_compile": bool}
+                "fast": bool, "fast_compile": bool, "medvram": bool, "lowvram": bool,
+                "vae_tile_above_pixels": int}
 
 
 def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -205,6 +209,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", dest="max_upload_mb", type=float)
     p.add_argument("--fast", action="store_true", default=None,
                    help="fast mode: channels_last + fused QKV projections (same images, faster on GPUs)")
+    p.add_argument("--medvram", action="store_true", default=None,
+                   help="model CPU offload: each model on the GPU only while it runs (less VRAM, slower)")
+    p.add_argument("--lowvram", action="store_true", default=None,
+                   help="sequential CPU offload, layer by layer (least VRAM, much slower)")
+    p.add_argument("--vae-tile-above-pixels", dest="vae_tile_above_pixels", type=int,
+                   help="decode images larger than this many pixels with a tiled VAE (0: never)")
     p.add_argument("--fast-compile", dest="fast_compile", action="store_true", default=None,
                    help="fast mode plus torch.compile of the UNet's repeated blocks (first image per size compiles)")
     return p

@@ -119,3 +119,14 @@ def test_fast_mode_flags_reach_settings(tmp_path):
     assert settings.fast and not settings.fast_compile
     settings = Settings.from_sources(["--data-dir", str(tmp_path)], environ={"EASEL_FAST_COMPILE": "1"})
     assert settings.fast_compile and not settings.fast
+
+
+def test_memory_mode_flags_build_memory_options(tmp_path):
+    import app
+    from pipelines.settings import Settings
+    settings = Settings.from_sources(["--data-dir", str(tmp_path), "--medvram", "--vae-tile-above-pixels", "0"],
+                                     environ={})
+    options = app.memory_options(settings)
+    assert options.mode == "medvram" and options.vae_tile_above_pixels == 0
+    assert app.memory_options(Settings.from_sources(["--data-dir", str(tmp_path), "--lowvram", "--medvram"],
+                                                    environ={})).mode == "lowvram"
