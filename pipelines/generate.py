@@ -27,6 +27,7 @@ from pipelines.request import GenerationRequest, GenerationResult
 from pipelines.version import INFOTEXT_VERSION
 
 PREVIEW_EVERY = 2  # steps between live previews
+COMPILE_NOTE = "fast mode: compiling for this image size, once"
 PREVIEW_MIN_INTERVAL_S = 0.3  # and at most ~3 a second: on fast models previews were 20% of the time
 _CATEGORY = {"txt2img": "txt2img-images", "img2img": "img2img-images", "inpaint": "img2img-images"}
 
@@ -64,6 +65,9 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
                 break
             batch_seeds = [base_seed + batch_index * request.batch_size + i for i in range(request.batch_size)]
             batch_prompts = image_prompts[batch_index * request.batch_size:(batch_index + 1) * request.batch_size]
+            if manager.fast.compile_pending((request.task, request.width, request.height, request.batch_size)):
+                progress(Progress(step=0, total_steps=request.steps, batch_index=batch_index,
+                                  batch_count=request.batch_count, note=COMPILE_NOTE))
             batch = _run_batch(active, request, batch_seeds, batch_index, progress, cancel, control_kwargs, hooks,
                                manager, batch_prompts)
             for image, seed, image_prompt in zip(batch, batch_seeds, batch_prompts):

@@ -25,6 +25,7 @@ class Progress:
     batch_index: int  # 0-based batch (of batch_count)
     batch_count: int
     preview: Image.Image | None = None
+    note: str = ""  # what is happening besides sampling (e.g. a one-off compile)
 
     @property
     def fraction(self) -> float:

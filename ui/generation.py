@@ -63,7 +63,7 @@ def describe(event: Progress) -> str:
     text = f"step {event.step}/{event.total_steps}"
     if event.batch_count > 1:
         text = f"batch {event.batch_index + 1}/{event.batch_count}, {text}"
-    return text
+    return f"{text} ({event.note})" if event.note else text
 
 
 def gallery_items(result: GenerationResult) -> list:
