@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (ROOT, append_section, emit, environment, make_manager, markdown_table,  # noqa: E402
-                          models_folder)
+                          models_folder, timed)
 
 import torch  # noqa: E402
 
@@ -33,7 +33,9 @@ PROMPT = "a photo of an astronaut riding a horse"
 def _plain_pipe(model: str, device, dtype):
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from pipelines import configs
 
     arch = CONFIGS / ("sd1" if model == "sd15" else "sdxl")
     build = lambda cls, cfg: cls.from_config(cfg).to(device, dtype).eval()  # noqa: E731
@@ -41,14 +43,14 @@ def _plain_pipe(model: str, device, dtype):
     vae = build(AutoencoderKL, AutoencoderKL.load_config(arch / "vae"))
     scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(arch / "scheduler"))
     te = CLIPTextModel(CLIPTextConfig.from_pretrained(arch / "text_encoder")).to(device, dtype).eval()
-    tok = CLIPTokenizer.from_pretrained(arch / "tokenizer")
+    tok = configs.load_tokenizer()
     if model == "sd15":
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
         te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(arch / "text_encoder_2")).to(device, dtype)
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2.eval(), tokenizer=tok,
-                                         tokenizer_2=CLIPTokenizer.from_pretrained(arch / "tokenizer_2"),
+                                         tokenizer_2=configs.load_tokenizer(pad_with_bang=True),
                                          unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -57,6 +59,9 @@ def _plain_pipe(model: str, device, dtype):
 def _measure(fn, steps: int, batch: int, warmup: int = 1) -> dict:
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():  # --smoke on CPU: wall time, no VRAM
+        seconds = timed(fn)
+        return {"it_s": round(steps / seconds, 3), "s_per_image": round(seconds / batch, 3), "peak_vram_gb": None}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -69,14 +74,20 @@ def _measure(fn, steps: int, batch: int, warmup: int = 1) -> dict:
             "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
-def run(models, batches, steps: int, compile_: bool) -> list[dict]:
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        _empty_cache()
+
+
+def run(models, batches, steps: int, compile_: bool, smoke_size: int | None = None) -> list[dict]:
     from pipelines.generate import generate
     from pipelines.request import GenerationRequest
 
-    device, dtype = torch.device("cuda"), torch.float16
+    cuda = torch.cuda.is_available()
+    device, dtype = (torch.device("cuda"), torch.float16) if cuda else (torch.device("cpu"), torch.float32)
     rows = []
     for model in models:
-        size = 512 if model == "sd15" else 1024
+        size = smoke_size or (512 if model == "sd15" else 1024)
         pipe = _plain_pipe(model, device, dtype)
         for batch in batches:
             call = lambda: pipe(PROMPT, negative_prompt="", width=size, height=size, num_inference_steps=steps,  # noqa: E731
@@ -84,7 +95,7 @@ def run(models, batches, steps: int, compile_: bool) -> list[dict]:
             rows.append({"model": model, "size": size, "batch": batch, "config": "plain diffusers fp16+SDPA",
                          **_measure(call, steps, batch)})
         del pipe
-        torch.cuda.empty_cache()
+        _empty_cache()
         if model != "sd15":
             continue  # Easel rows need a full-size single file; only the SD1.5 factory exists
         from pipelines.optimizations import Optimizations
@@ -105,7 +116,7 @@ def run(models, batches, steps: int, compile_: bool) -> list[dict]:
                                             warmup=2 if compile_ else 1)})
                 manager.unload()
                 del manager
-                torch.cuda.empty_cache()
+                _empty_cache()
         finally:
             shutil.rmtree(root, ignore_errors=True)
     return rows
@@ -117,9 +128,15 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="fast mode with regional torch.compile")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the script on CPU: SD1.5 only, 64 px, 1 step, batch 1 (numbers meaningless)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--md", action="store_true")
     args = parser.parse_args(argv)
+    if args.smoke:
+        rows = run(["sd15"], [1], 1, False, smoke_size=64)
+        emit({"bench": "gpu_throughput", "smoke": True, "rows": rows, "env": environment()}, args.out)
+        return 0
     if not torch.cuda.is_available():
         emit({"bench": "gpu_throughput", "skipped": "no CUDA device: run this on a GPU machine"}, args.out)
         return 0
