@@ -54,11 +54,20 @@ def build_controlnet(unet):
 
 
 def stage_controlnet(run_dir: Path, base: Path, output_dir: Path, seed: int, steps: int, batch: int, lr: float,
-                     minutes: float, n_images: int = 8000) -> None:
+                     minutes: float, resume: bool = False, n_images: int = 8000) -> None:
+    """`resume`: another round on the saved ControlNet (fresh optimizer, other batches)."""
     torch.manual_seed(seed)
     pipe = load_base_pipeline(base)
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
-    controlnet = build_controlnet(unet).train()
+    saved = output_dir / f"{CONTROLNET_NAME}.safetensors"
+    if resume and saved.exists():
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_single_file(str(saved), config=str(CONTROLNET_CONFIG_DIR),
+                                                      local_files_only=True, torch_dtype=torch.float32).train()
+        log(run_dir, f"controlnet: resuming from {saved}")
+    else:
+        controlnet = build_controlnet(unet).train()
     images, labels = load_data(run_dir)
     latents = load_latents(run_dir)
     hints = torch.from_numpy(np.stack([canny(img) for img in images[:n_images]])).permute(0, 3, 1, 2)
@@ -70,7 +79,7 @@ def stage_controlnet(run_dir: Path, base: Path, output_dir: Path, seed: int, ste
     params = [p for p in controlnet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     loss_fn = EpsilonLoss()
-    generator = torch.Generator().manual_seed(seed + 5)
+    generator = torch.Generator().manual_seed(seed + 5 + (1000 if resume else 0))
     scale = vae.config.scaling_factor
     label_tensor = torch.from_numpy(labels)
     deadline = time.time() + minutes * 60

@@ -421,7 +421,8 @@ def run_adapter_stage(stage: str, args) -> None:
     else:
         from tools.tinyworld.controlnet import stage_controlnet
 
-        stage_controlnet(output_dir=args.assets_dir / "ControlNet", steps=args.cn_steps, lr=args.cn_lr, **common)
+        stage_controlnet(output_dir=args.assets_dir / "ControlNet", steps=args.cn_steps, lr=args.cn_lr,
+                         resume=args.resume, **common)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -448,7 +449,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-pairs", type=int, default=30, help="held-out (prompt, seed) pairs per evaluation")
     parser.add_argument("--eval-steps", type=int, default=10, help="DDIM steps per evaluation sample (CFG 5)")
     parser.add_argument("--resume", action="store_true",
-                        help="VAE: train another round on the saved VAE; UNet: continue from unet_state.pt")
+                        help="VAE/ControlNet: train another round on the saved model; UNet: continue from unet_state.pt")
     parser.add_argument("--tokenizer-dir", type=Path, default=None, help="a saved CLIPTokenizer (default: Easel's)")
     parser.add_argument("--export-from", choices=("best", "last"), default="best")
     parser.add_argument("--output", type=Path, default=ASSETS_DIR / "tinyworld.safetensors")
