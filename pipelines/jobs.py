@@ -144,6 +144,11 @@ class JobQueue:
                 self._thread.start()
         return self
 
+    @property
+    def running(self) -> bool:
+        """Whether the device worker thread has been started (and not stopped)."""
+        return self._thread is not None
+
     def stop(self) -> None:
         with self._changed:
             self._stopping = True

@@ -259,9 +259,12 @@ def test_rest_routes_list_install_and_refuse_when_exposed(tmp_path):
 
     import api
     from pipelines.access import Authenticator, User
+    from pipelines.hashing import HashCache
+    from pipelines.registry import ModelRegistry
 
     def client_for(settings, credentials=()):
-        ctx = types.SimpleNamespace(settings=settings, registry=None, manager=None, jobs=None,
+        registry = ModelRegistry(settings.paths(), HashCache(settings.cache_file))
+        ctx = types.SimpleNamespace(settings=settings, registry=registry, manager=None, jobs=None,
                                     extensions=ExtensionSet([]), restart=None)
         fastapi_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
         verify = Authenticator([User(n, p) for n, p in credentials]) if credentials else None
