@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipelines.memory import final_size
 from pipelines.request import GenerationRequest
 
 
@@ -32,6 +33,8 @@ class RequestLimits:
             problems.append(f"height {request.height} is above this server's limit of {self.max_height} (max_height)")
         if request.steps > self.max_steps:
             problems.append(f"steps {request.steps} is above this server's limit of {self.max_steps} (max_steps)")
+        if request.enable_hr:
+            problems += self._hires_problems(request)
         if request.total_images > self.max_batch_images:
             problems.append(f"batch count x batch size = {request.total_images} images is above this server's "
                             f"limit of {self.max_batch_images} (max_batch_images)")
@@ -40,12 +43,28 @@ class RequestLimits:
             if length > self.max_prompt_chars:
                 problems.append(f"{name.replace('_', ' ')} is {length} characters, above this server's limit of "
                                 f"{self.max_prompt_chars}; shorten it")
-        for name in ("init_image", "mask"):
-            image = getattr(request, name)
+        images = [(name.replace("_", " "), getattr(request, name)) for name in ("init_image", "mask")]
+        images += [(f"ControlNet unit {i} image", unit.image) for i, unit in enumerate(request.control_units)]
+        for label, image in images:
             if image is not None and image.width * image.height > self.max_upload_pixels:
-                problems.append(f"{name.replace('_', ' ')} {image.width}x{image.height} has more pixels than "
+                problems.append(f"{label} {image.width}x{image.height} has more pixels than "
                                 f"this server accepts ({self.max_upload_pixels}, max_upload_pixels); scale it down")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _hires_problems(self, request: GenerationRequest) -> list[str]:
+        """The hires pass decodes at its target size and samples its own steps: both count."""
+        problems = []
+        try:
+            width, height = final_size(request)
+        except ValueError:
+            return []  # a target the request itself refuses (too small) is not a limit question
+        if width > self.max_width or height > self.max_height:
+            problems.append(f"hires fix target {width}x{height} is above this server's limit of "
+                            f"{self.max_width}x{self.max_height} (max_width/max_height); lower the upscale")
+        if request.hr_second_pass_steps > self.max_steps:
+            problems.append(f"hires steps {request.hr_second_pass_steps} is above this server's limit of "
+                            f"{self.max_steps} (max_steps)")
+        return problems
 
     __call__ = check  # JobQueue(admit=limits)

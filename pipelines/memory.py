@@ -70,9 +70,13 @@ class MemoryPlan:
 
 
 def final_size(request) -> tuple[int, int]:
-    """The largest image the request decodes (a hires pass upscales)."""
-    scale = float(getattr(request, "hr_scale", 1) or 1) if getattr(request, "enable_hr", False) else 1.0
-    return int(request.width * max(1.0, scale)), int(request.height * max(1.0, scale))
+    """The largest image the request decodes: a hires pass's target (scale, or hr_resize_x/y)."""
+    if not getattr(request, "enable_hr", False):
+        return request.width, request.height
+    from pipelines.hires import target_size
+
+    width, height = target_size(request)
+    return max(width, request.width), max(height, request.height)
 
 
 @contextmanager

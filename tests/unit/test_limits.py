@@ -104,3 +104,81 @@ def test_guarded_gradio_inputs_refuse_bombs_and_non_images_with_a_short_error(tm
     with pytest.raises(gr.Error, match="pixels"):
         clone.preprocess(FileData(path=str(bomb)))
     assert not list(tmp_path.parent.glob("*.pyi")) and not list(Path(__file__).parents[2].glob("ui/*.pyi"))
+
+
+def test_hires_target_and_hires_steps_count_against_the_limits():
+    limits = RequestLimits.from_settings(Settings(max_width=1024, max_height=768, max_steps=30))
+    hires = dict(prompt="x", width=512, height=384, enable_hr=True, hr_upscaler="Lanczos")
+    limits.check(GenerationRequest(**hires, hr_scale=2.0, hr_second_pass_steps=30))  # 1024x768 fits exactly
+    with pytest.raises(ValueError, match=r"hires fix target 1032x768 is above this server's limit of 1024x768"):
+        limits.check(GenerationRequest(**hires, hr_resize_x=1032, hr_resize_y=768))
+    with pytest.raises(ValueError, match=r"hires fix target 1536x1152"):
+        limits.check(GenerationRequest(**hires, hr_scale=3.0))
+    # hr_resize_y alone keeps the aspect ratio: 1024 high is 1365 wide, both above the limit
+    with pytest.raises(ValueError, match=r"hires fix target 1360x1024"):
+        limits.check(GenerationRequest(**hires, hr_resize_y=1024))
+    with pytest.raises(ValueError, match=r"hires steps 31 is above this server's limit of 30 \(max_steps\)"):
+        limits.check(GenerationRequest(**hires, hr_scale=1.5, hr_second_pass_steps=31))
+    # without hires the same fields are ignored (A1111 keeps them in the request)
+    limits.check(GenerationRequest(prompt="x", width=512, height=384, hr_scale=8.0, hr_second_pass_steps=400))
+
+
+def test_controlnet_unit_images_count_against_the_upload_pixel_limit():
+    from pipelines.control.units import ControlUnit
+
+    limits = RequestLimits.from_settings(Settings(max_upload_pixels=64 * 64))
+    small = ControlUnit(model="any", image=Image.new("RGB", (64, 64)))
+    limits.check(GenerationRequest(control_units=(small,)))
+    big = ControlUnit(model="any", image=Image.new("RGB", (64, 65)))
+    with pytest.raises(ValueError, match=r"ControlNet unit 1 image 64x65 has more pixels than this server accepts"):
+        limits.check(GenerationRequest(control_units=(small, big)))
+
+
+def test_controlnet_base64_images_and_extras_files_go_through_the_upload_guard(tmp_path):
+    from pipelines import extras
+    from pipelines.control.units import ControlUnit, b64_to_image
+
+    bomb = base64.b64encode(png_bomb(20000, 20000)).decode()
+    for text in (bomb, "data:image/png;base64," + bomb):
+        with pytest.raises(ValueError, match=r"ControlNet image: the image has more than .* pixels|"
+                                             r"ControlNet image: the image is 20000x20000"):
+            b64_to_image(text)
+    with pytest.raises(ValueError, match=r"ControlNet image: the upload is not a readable image"):
+        ControlUnit.from_a1111({"model": "m", "image": base64.b64encode(b"%PDF-1.4").decode()})
+    with pytest.raises(ValueError, match="not valid base64"):
+        b64_to_image("not base64!!")
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (4, 5, 6)).save(buf, "PNG")
+    assert b64_to_image(base64.b64encode(buf.getvalue()).decode()).getpixel((0, 0)) == (4, 5, 6)
+
+    (tmp_path / "bomb.png").write_bytes(png_bomb(20000, 20000))
+    (tmp_path / "notes.png").write_text("not a picture")
+    (tmp_path / "big.png").write_bytes(buf.getvalue() + b"\0" * (2 << 20))
+    (tmp_path / "ok.png").write_bytes(buf.getvalue())
+    for name, message in (("bomb.png", "bomb.png: the image has more than|bomb.png: the image is 20000x20000"),
+                          ("notes.png", r"notes.png: the upload is not a readable image"),
+                          ("big.png", r"big.png is above the 1 MB limit")):
+        with pytest.raises(ValueError, match=message):
+            list(extras.open_images([tmp_path / "ok.png", tmp_path / name], max_bytes=1 << 20))
+    [image] = extras.open_images([tmp_path / "ok.png"])
+    assert image.getpixel((0, 0)) == (4, 5, 6)
+
+
+def test_the_controlnet_unit_upload_is_guarded_like_img2img(tmp_path):
+    import gradio as gr
+    from gradio.data_classes import FileData
+
+    import app
+    from pipelines.settings import Settings as AppSettings
+
+    from ui.layout import build_ui
+
+    settings = AppSettings(data_dir=tmp_path / "data", max_upload_pixels=32 * 32, control_net_unit_count=1)
+    _blocks, reg = build_ui(app.build_context(settings))
+    (tmp_path / "bomb.png").write_bytes(png_bomb(20000, 20000))
+    Image.new("RGB", (33, 32)).save(tmp_path / "big.png")
+    for tab in ("txt2img", "img2img"):
+        component = reg[f"{tab}.cn0_image"]
+        for name, message in (("bomb.png", "pixels"), ("big.png", "33x32, more than the 1024 pixels")):
+            with pytest.raises(gr.Error, match=message):
+                component.preprocess(FileData(path=str(tmp_path / name)))
