@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
-from pipelines import upscalers
+from pipelines import uploads, upscalers
 from pipelines.metadata import read_infotext
 from pipelines.outputs import OutputStore, atomic_write_bytes, next_sequence_number
 
@@ -152,14 +152,22 @@ def batch_folder_images(folder: str | Path, allowed_root: Path) -> list[Path]:
     return files
 
 
-def open_images(paths: Iterable[str | Path]) -> Iterable[Image.Image]:
+def open_images(paths: Iterable[str | Path], *, max_pixels: int = uploads.DEFAULT_MAX_PIXELS,
+                max_bytes: int = uploads.DEFAULT_MAX_BYTES) -> Iterable[Image.Image]:
+    """Each file decoded through pipelines.uploads (size and pixel limits from the header, so a
+    decompression bomb is refused before decoding), its .info (the parameters text) kept."""
     for path in paths:
+        name = Path(path).name
         try:
-            with Image.open(path) as image:
-                image.load()
-                yield image.copy()  # keeps .info: the parameters text travels with it
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"{Path(path).name} is not a readable PNG, JPEG or WebP image") from exc
+            data = Path(path).read_bytes() if Path(path).stat().st_size <= max_bytes else None
+        except OSError as exc:
+            raise ValueError(f"{name} cannot be read: {exc.strerror}") from None
+        if data is None:
+            raise ValueError(f"{name} is above the {max_bytes >> 20} MB limit; send a smaller file")
+        try:
+            yield uploads.decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
 
 
 def _number(value: float):

@@ -21,6 +21,7 @@ from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.control_form import IMAGE_NOT_RESTORED, UNIT_FIELDS, control_fields, field_name, form_from_units
 from ui.errors import user_error
+from ui.guarded_images import guard_uploads
 
 TABS = ("txt2img", "img2img")
 _PRIVATE = dict(api_visibility="private", queue=False)
@@ -107,7 +108,7 @@ def build(ctx: AppContext, reg: ComponentRegistry, tab: str) -> None:
         with gr.Tabs():
             for index in range(unit_count(ctx)):
                 with gr.Tab(f"ControlNet Unit {index}"):
-                    _unit(reg, tab, index, choices)
+                    _unit(reg, tab, index, choices, ctx.settings.max_upload_pixels)
     for index in range(unit_count(ctx)):
         _wire_unit(ctx, reg, tab, index)
     with gr.Accordion("GLIGEN", open=False, elem_id=f"{tab}_gligen"):
@@ -123,13 +124,14 @@ def build(ctx: AppContext, reg: ComponentRegistry, tab: str) -> None:
                   outputs=[reg[f"{tab}.gligen_model"]], **_PRIVATE)
 
 
-def _unit(reg: ComponentRegistry, tab: str, index: int, choices: list[str]) -> None:
+def _unit(reg: ComponentRegistry, tab: str, index: int, choices: list[str], max_pixels: int) -> None:
     def add(field: str, component):
         return reg.add(f"{tab}.{field_name(index, field)}", component)
 
     with gr.Row():
-        add("image", gr.Image(type="pil", label="Control image (empty in img2img: the img2img image)",
-                              sources=["upload", "clipboard"], height=240))
+        # Checked from the file header before Gradio decodes it (bombs, non-images), as img2img's.
+        add("image", guard_uploads(gr.Image(type="pil", label="Control image (empty in img2img: the img2img image)",
+                                            sources=["upload", "clipboard"], height=240), max_pixels))
         reg.add(f"{tab}.cn{index}_preview_image", gr.Image(type="pil", label="Detected map", interactive=False,
                                                            height=240))
     with gr.Row():

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
+import numpy as np
 from PIL import Image
 
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
@@ -88,11 +89,14 @@ class ControlUnit:
     # --- the A1111 extension's API shape ---------------------------------------------------
 
     @classmethod
-    def from_a1111(cls, data: Mapping[str, Any]) -> "ControlUnit":
-        """A unit from `alwayson_scripts.ControlNet.args[i]` (sd-webui-controlnet field names).
-        Unknown extension fields (low_vram, save_detected_map, hr_option, ...) are ignored."""
+    def from_a1111(cls, data: Mapping[str, Any], where: str = "ControlNet unit") -> "ControlUnit":
+        """A unit from `alwayson_scripts.ControlNet.args[i]` (sd-webui-controlnet field names and
+        legacy aliases `guidance`, `lowvram`, `input_image`, `mask_image`). Fields that do not
+        change the picture (low_vram, save_detected_map, hr_option, ...) are ignored; a unit mask
+        is used as the extension uses it (`unit_mask_as_image`); `where` names the unit in errors."""
         if not isinstance(data, Mapping):
-            raise ValueError("each ControlNet unit must be a JSON object")
+            raise ValueError(f"each {where} must be a JSON object")
+        data, image, mask = a1111_image_fields(data, where)
         values: dict[str, Any] = {}
         for name in ("enabled", "module", "model", "pixel_perfect"):
             if name in data and data[name] is not None:
@@ -109,13 +113,17 @@ class ControlUnit:
             values["control_mode"] = CONTROL_MODES[2]
         if data.get("resize_mode") is not None:
             values["resize_mode"] = data["resize_mode"]
-        image = data.get("image", data.get("input_image"))
-        if isinstance(image, Mapping):  # {"image": b64, "mask": b64} from the extension's UI shape
-            image = image.get("image")
-        if isinstance(image, str) and image:
+        if _given(data.get("effective_region_mask")):
+            raise ValueError(f"{where} effective_region_mask: regional ControlNet masks are not supported; "
+                             "leave the field out")
+        if isinstance(image, str):
             values["image"] = b64_to_image(image)
         elif isinstance(image, Image.Image):
             values["image"] = image
+        if mask is not None:
+            module = str(values.get("module") or "none")
+            values.update(unit_mask_as_image(mask if isinstance(mask, Image.Image) else b64_to_image(mask),
+                                             module, where))
         return cls(**values)
 
     # --- infotext ---------------------------------------------------------------------------
@@ -223,14 +231,76 @@ def image_to_b64(image: Image.Image | None) -> str | None:
 
 
 def b64_to_image(text: str) -> Image.Image:
+    """Decoded through pipelines.uploads: size and pixel limits, bombs refused before decoding."""
+    from pipelines.uploads import decode_image
+
     if text.startswith("data:"):
         text = text.split(",", 1)[-1]
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
-        image.load()
-    except Exception as exc:  # PIL raises many types for bad data
-        raise ValueError("ControlNet image is not valid base64 PNG/JPEG/WebP data") from exc
-    return image
+        data = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ValueError("ControlNet image is not valid base64 PNG/JPEG/WebP data") from None
+    try:
+        return decode_image(data)
+    except ValueError as exc:
+        raise ValueError(f"ControlNet image: {exc}") from None
+
+
+# --- the extension's unit image shapes and mask ------------------------------------------------
+
+# sd-webui-controlnet `internal_controlnet/args.py` legacy names; giving both spellings is an error there too.
+A1111_ALIASES = {"guidance": "guidance_end", "lowvram": "low_vram", "input_image": "image", "mask_image": "mask"}
+
+
+def _given(value: Any) -> bool:
+    return value is not None and not (isinstance(value, (str, list, tuple, dict)) and not value)
+
+
+def a1111_image_fields(data: Mapping[str, Any], where: str = "ControlNet unit") -> tuple[dict[str, Any], Any, Any]:
+    """(the unit with aliases resolved, its image, its mask) from any shape the extension takes:
+    `image` as base64, `{"image", "mask"}`, `[image, mask]` or a list of such dicts (the first
+    is used), `mask` / `mask_image` beside it. Image and mask are returned as given (base64
+    strings or PIL images; None when absent or empty)."""
+    values = dict(data)
+    for alias, name in A1111_ALIASES.items():
+        if alias in values:
+            if _given(values.get(name)) and _given(values[alias]):
+                raise ValueError(f"{where}: give '{name}' or its old name '{alias}', not both")
+            alias_value = values.pop(alias)
+            if not _given(values.get(name)):
+                values[name] = alias_value
+    image, mask = values.pop("image", None), values.pop("mask", None)
+    if isinstance(image, (list, tuple)):
+        if image and isinstance(image[0], Mapping):
+            image = image[0]
+        elif len(image) <= 2:
+            image, inner_mask = (list(image) + [None, None])[:2]
+            if _given(mask) and _given(inner_mask):
+                raise ValueError(f"{where}: the mask is given twice (in 'image' and in 'mask'); send one")
+            mask = mask if _given(mask) else inner_mask
+        else:
+            raise ValueError(f"{where} image: a list must be [image, mask] or a list of {{image, mask}} objects")
+    if isinstance(image, Mapping):
+        inner_mask = image.get("mask")
+        image = image.get("image")
+        if _given(mask) and _given(inner_mask):
+            raise ValueError(f"{where}: the mask is given twice (in 'image' and in 'mask'); send one")
+        mask = mask if _given(mask) else inner_mask
+    return values, (image if _given(image) else None), (mask if _given(mask) else None)
+
+
+def unit_mask_as_image(mask: Image.Image, module: str, where: str = "ControlNet unit") -> dict[str, Any]:
+    """What a unit's mask does, as in sd-webui-controlnet: a mask that is all black or all white
+    (what an untouched sketch canvas sends) means no mask; any other mask becomes the control
+    image itself (its first channel, white lines on black) with preprocessor "none". Inpaint
+    preprocessors, which would use it as an inpainting mask, are not in Easel: refused."""
+    if "inpaint" in module.casefold():
+        raise ValueError(f"{where} mask: the '{module}' inpaint preprocessor is not available in Easel, "
+                         "so its mask cannot be used; inpaint with the request's own mask instead")
+    channel = np.asarray(mask.convert("RGB"))[..., 0]
+    if (channel <= 5).all() or (channel >= 250).all():
+        return {}
+    return {"image": Image.fromarray(np.ascontiguousarray(channel), "L").convert("RGB"), "module": "none"}
 
 
 # --- GLIGEN boxes ----------------------------------------------------------------------------
