@@ -55,7 +55,7 @@ def build_context(settings):
                     admit=RequestLimits.from_settings(settings))
     return AppContext(settings=settings, registry=registry, manager=manager, jobs=jobs,
                       outputs=outputs, presets=load_presets(PRESETS_DIR), authenticator=authenticator(settings),
-                      extensions=extensions, prompts=prompts)
+                      extensions=extensions, prompts=prompts, additions=extensions.additions())
 
 
 def memory_options(settings):
@@ -115,6 +115,9 @@ def authenticator(settings):
 
 
 def launch_options(settings, auth=None) -> dict[str, Any]:
+    from starlette.middleware import Middleware
+
+    from api.body_limit import BodyLimit
     from pipelines.access import served_paths
     from ui.layout import launch_style
 
@@ -131,8 +134,10 @@ def launch_options(settings, auth=None) -> dict[str, Any]:
         # Queued generation events wait in worker threads (ui/generation.DEVICE_EVENT_SLOTS of them).
         "max_threads": 100,
         "show_error": True,
-        # The REST API serves its own /openapi.json and /docs (behind its auth).
-        "app_kwargs": {"openapi_url": None},
+        # The REST API serves its own /openapi.json and /docs (behind its auth). Request bodies
+        # are capped for every route (413), before FastAPI or Gradio read them into memory.
+        "app_kwargs": {"openapi_url": None,
+                       "middleware": [Middleware(BodyLimit, max_bytes=settings.request_body_limit())]},
         **launch_style(),
     }
 

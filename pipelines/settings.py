@@ -45,6 +45,7 @@ class Settings:
     max_batch_images: int = 16  # batch_count x batch_size
     max_upload_mb: float = 25.0
     max_upload_pixels: int = 4096 * 4096
+    max_request_mb: float | None = None  # largest HTTP body; None: two base64 uploads + 1 MB
     api_auth: str | None = None  # user:pass[,u2:p2] for the REST API; default: --auth
     fast: bool = False  # fast mode: channels_last + fused QKV (pipelines/optimizations.py)
     fast_compile: bool = False  # fast mode plus regional torch.compile of the UNet
@@ -74,6 +75,15 @@ class Settings:
             raise ValueError(f"control_net_unit_count must be between 1 and 10, got {self.control_net_unit_count}")
         if not self.max_upload_mb > 0:
             raise ValueError(f"max_upload_mb must be above 0, got {self.max_upload_mb}")
+        if self.max_request_mb is not None and not self.max_request_mb > 0:
+            raise ValueError(f"max_request_mb must be above 0, got {self.max_request_mb}")
+
+    def request_body_limit(self) -> int:
+        """Bytes an HTTP request body may have (api/body_limit.py): --max-request-mb, else room
+        for two uploads of --max-upload-mb as base64 (an init image and its mask) plus 1 MB."""
+        if self.max_request_mb is not None:
+            return int(self.max_request_mb * (1 << 20))
+        return int(self.max_upload_mb * (1 << 20) * 4 / 3 * 2) + (1 << 20)
 
     # Reachable from other machines: the login rules and the extension lock apply.
     @property
@@ -139,7 +149,7 @@ _FIELD_TYPES = {"data_dir": Path, "models_dir": Path, "embeddings_dir": Path, "a
                 "share": bool, "api": bool, "device": str, "precision": str, "auth": str,
                 "enable_insecure_extension_access": bool, "max_queued_per_user": int, "max_width": int,
                 "max_height": int, "max_steps": int, "max_batch_images": int, "max_upload_mb": float,
-                "max_upload_pixels": int, "api_auth": str, "control_net_unit_count": int,
+                "max_upload_pixels": int, "max_request_mb": float, "api_auth": str, "control_net_unit_count": int,
                 "fast": bool, "fast_compile": bool, "medvram": bool, "lowvram": bool,
                 "vae_tile_above_pixels": int}
 
@@ -207,6 +217,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for name in ("max_width", "max_height", "max_steps", "max_batch_images", "max_upload_pixels"):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
     p.add_argument("--max-upload-mb", dest="max_upload_mb", type=float)
+    p.add_argument("--max-request-mb", dest="max_request_mb", type=float,
+                   help="largest HTTP request body in MB (default: room for two base64 uploads)")
     p.add_argument("--fast", action="store_true", default=None,
                    help="fast mode: channels_last + fused QKV projections (same images, faster on GPUs)")
     p.add_argument("--medvram", action="store_true", default=None,

@@ -182,3 +182,37 @@ def test_the_controlnet_unit_upload_is_guarded_like_img2img(tmp_path):
         for name, message in (("bomb.png", "pixels"), ("big.png", "33x32, more than the 1024 pixels")):
             with pytest.raises(gr.Error, match=message):
                 component.preprocess(FileData(path=str(tmp_path / name)))
+
+
+def test_request_bodies_above_the_limit_get_413_before_the_app_reads_them():
+    from fastapi import FastAPI, Request
+    from fastapi.testclient import TestClient
+    from starlette.middleware import Middleware
+
+    from api.body_limit import BodyLimit
+
+    seen = []
+    app = FastAPI(middleware=[Middleware(BodyLimit, max_bytes=1000)])
+
+    @app.post("/sdapi/v1/echo")
+    async def echo(request: Request):
+        body = await request.body()
+        seen.append(len(body))
+        return {"size": len(body)}
+
+    client = TestClient(app)
+    assert client.post("/sdapi/v1/echo", content=b"x" * 1000).json() == {"size": 1000}
+    refused = client.post("/sdapi/v1/echo", content=b"x" * 1001)
+    assert refused.status_code == 413 and "limit of 0.000953674 MB (max_request_mb)" in refused.json()["detail"]
+
+    def chunks(count):  # no Content-Length: sent chunked, counted as it arrives
+        for _ in range(count):
+            yield b"y" * 300
+
+    assert client.post("/sdapi/v1/echo", content=chunks(3)).json() == {"size": 900}
+    assert client.post("/sdapi/v1/echo", content=chunks(4)).status_code == 413
+    assert seen == [1000, 900]  # the refused bodies never reached the route
+    assert Settings().request_body_limit() == int(25 * 2**20 * 4 / 3 * 2) + 2**20  # two 25 MB uploads as base64
+    assert Settings(max_request_mb=2).request_body_limit() == 2 << 20
+    with pytest.raises(ValueError, match="max_request_mb must be above 0"):
+        Settings(max_request_mb=0)
