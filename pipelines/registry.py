@@ -13,6 +13,7 @@ minutes on a real models folder, and A1111 behaves the same way.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -121,13 +122,19 @@ class ModelRegistry:
     """The models on disk. `refresh()` rescans; the lists are sorted (natural, case-insensitive),
     built-in checkpoints after the user's. Safe to read from several threads while refreshing."""
 
-    def __init__(self, paths: ModelPaths, hashes: HashCache) -> None:
+    def __init__(self, paths: ModelPaths, hashes: HashCache,
+                 read_header: Callable[[Path], probe.SafetensorsHeader] = probe.read_safetensors_header) -> None:
         self.paths = paths
         self.hashes = hashes
+        self._read_header = read_header
         self._catalog: _Catalog | None = None
         self._refresh_lock = threading.Lock()
         self._autov1_lock = threading.Lock()
         self._autov1: dict[tuple[str, float, int], str] = {}
+        # LoRA / embedding / hypernetwork headers by (path, mtime, size), kept from one refresh to
+        # the next (folders of thousands of LoRAs rescan with stats only); only the files seen by
+        # the last scan stay in it.
+        self._headers: dict[tuple[str, float, int], probe.SafetensorsHeader] = {}
 
     # --- scanning ---------------------------------------------------------------------------
 
@@ -135,19 +142,33 @@ class ModelRegistry:
         """Rescan every folder. Never hashes; unreadable files land in `skipped`."""
         with self._refresh_lock:
             skipped: dict[Path, str] = {}
+            headers: dict[tuple[str, float, int], probe.SafetensorsHeader] = {}
+            cached = functools.partial(self._cached_header, headers)
             entries = {
-                "checkpoint": tuple(_sorted(_scan_checkpoints(self.paths.checkpoints, skipped))
-                                    + _sorted(_scan_builtins(self.paths.builtin_dir, skipped))),
-                "vae": tuple(_sorted(_scan_vaes(self.paths.vae, skipped))),
-                "lora": tuple(_sorted(_scan_loras(self.paths.lora, skipped))),
+                "checkpoint": tuple(_sorted(_scan_checkpoints(self.paths.checkpoints, skipped, self._read_header))
+                                    + _sorted(_scan_builtins(self.paths.builtin_dir, skipped, self._read_header))),
+                "vae": tuple(_sorted(_scan_vaes(self.paths.vae, skipped, self._read_header))),
+                "lora": tuple(_sorted(_scan_loras(self.paths.lora, skipped, cached))),
                 "embedding": tuple(_sorted(_scan_simple(
                     "embedding", self.paths.embeddings_dir, (".pt", ".bin", ".safetensors"),
-                    probe.probe_embedding, skipped))),
-                "controlnet": tuple(_sorted(_scan_controlnets(self.paths.controlnet, skipped))),
+                    probe.probe_embedding, skipped, cached))),
+                "controlnet": tuple(_sorted(_scan_controlnets(self.paths.controlnet, skipped, self._read_header))),
                 "hypernetwork": tuple(_sorted(_scan_simple(
-                    "hypernetwork", self.paths.hypernetworks, (".pt", ".safetensors"), None, skipped))),
+                    "hypernetwork", self.paths.hypernetworks, (".pt", ".safetensors"), None, skipped, cached))),
             }
+            self._headers = headers
             self._catalog = _Catalog(entries=entries, skipped=skipped)
+
+    def _cached_header(self, fresh: dict, path: Path) -> probe.SafetensorsHeader:
+        """The header from the previous scan while the file's (mtime, size) are unchanged; read
+        (and remembered in `fresh`, this scan's cache) otherwise. Unreadable files are not cached."""
+        mtime, size = hashing.fingerprint(path)
+        key = (str(path), mtime, size)
+        header = self._headers.get(key) or fresh.get(key)
+        if header is None:
+            header = self._read_header(path)
+        fresh[key] = header
+        return header
 
     @property
     def skipped(self) -> dict[Path, str]:
@@ -357,8 +378,7 @@ def _file_entry(kind: str, root: Path, path: Path, arch: Arch, metadata: Mapping
                       size=size, mtime=mtime, metadata=metadata, **extra)
 
 
-def _read_header(path: Path) -> probe.SafetensorsHeader:
-    return probe.read_safetensors_header(path)
+ReadHeader = Callable[[Path], probe.SafetensorsHeader]
 
 
 def _public_metadata(header: probe.SafetensorsHeader) -> dict[str, str]:
@@ -385,7 +405,7 @@ def _find_sidecar_vae(checkpoint: Path) -> Path | None:
     return None
 
 
-def _scan_checkpoints(root: Path, skipped: dict[Path, str]) -> Iterator[ModelEntry]:
+def _scan_checkpoints(root: Path, skipped: dict[Path, str], read_header: ReadHeader) -> Iterator[ModelEntry]:
     for path in _walk(root, (".safetensors", ".ckpt"), "model_index.json"):
         if path.name.lower().endswith(_SIDECAR_VAE_SUFFIXES):
             continue  # a sidecar VAE belongs to its checkpoint's entry
@@ -396,7 +416,7 @@ def _scan_checkpoints(root: Path, skipped: dict[Path, str]) -> Iterator[ModelEnt
             if path.suffix.lower() == ".ckpt":  # pickles are not opened during a scan
                 return _file_entry("checkpoint", root, path, Arch.UNKNOWN, {},
                                    sidecar_vae=_find_sidecar_vae(path))
-            header = _read_header(path)
+            header = read_header(path)
             arch = probe.probe_checkpoint(header)
             if arch is Arch.SD2 and probe.read_v_parameterization_sidecar(path):
                 arch = Arch.SD2_V
@@ -406,12 +426,12 @@ def _scan_checkpoints(root: Path, skipped: dict[Path, str]) -> Iterator[ModelEnt
         yield from _guarded(path, skipped, make)
 
 
-def _scan_builtins(root: Path, skipped: dict[Path, str]) -> Iterator[ModelEntry]:
+def _scan_builtins(root: Path, skipped: dict[Path, str], read_header: ReadHeader) -> Iterator[ModelEntry]:
     for path in _walk(root, (".safetensors",), None):
         if path.parent != root:  # subfolders hold the family's VAE/LoRA/embedding/ControlNet files
             continue
         def make(path: Path = path) -> ModelEntry:
-            header = _read_header(path)
+            header = read_header(path)
             arch = probe.probe_checkpoint(header)
             name = path.relative_to(root).as_posix()
             label = TINYWORLD_LABEL if arch is Arch.TINYWORLD else f"{name} (built-in)"
@@ -421,7 +441,7 @@ def _scan_builtins(root: Path, skipped: dict[Path, str]) -> Iterator[ModelEntry]
         yield from _guarded(path, skipped, make)
 
 
-def _scan_vaes(root: Path, skipped: dict[Path, str]) -> Iterator[ModelEntry]:
+def _scan_vaes(root: Path, skipped: dict[Path, str], read_header: ReadHeader) -> Iterator[ModelEntry]:
     for path in _walk(root, (".safetensors", ".pt", ".ckpt"), "config.json"):
         def make(path: Path = path) -> ModelEntry | None:
             if path.is_dir():
@@ -429,7 +449,7 @@ def _scan_vaes(root: Path, skipped: dict[Path, str]) -> Iterator[ModelEntry]:
                 return _file_entry("vae", root, path, Arch.UNKNOWN, {})
             if path.suffix.lower() != ".safetensors":  # pickles are not opened during a scan
                 return _file_entry("vae", root, path, Arch.UNKNOWN, {})
-            header = _read_header(path)
+            header = read_header(path)
             if not probe.probe_vae(header):
                 raise ValueError(f"{path.name}: no encoder/decoder weights, so not a VAE; "
                                  "move it to the folder of its kind")
@@ -457,10 +477,11 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _scan_loras(roots: tuple[Path, ...], skipped: dict[Path, str]) -> Iterator[ModelEntry]:
+def _scan_loras(roots: tuple[Path, ...], skipped: dict[Path, str], read_header: ReadHeader) -> Iterator[ModelEntry]:
     seen: set[str] = set()
     for root in roots:
-        for entry in _scan_simple("lora", root, (".safetensors", ".pt", ".ckpt"), probe.probe_lora_base, skipped):
+        for entry in _scan_simple("lora", root, (".safetensors", ".pt", ".ckpt"), probe.probe_lora_base, skipped,
+                                  read_header):
             if entry.name in seen:  # the same name in Lora and LyCORIS: Lora wins, as listed first
                 skipped[entry.path] = f"{entry.name}: a LoRA of the same name is already in {roots[0]}"
                 continue
@@ -468,7 +489,7 @@ def _scan_loras(roots: tuple[Path, ...], skipped: dict[Path, str]) -> Iterator[M
             yield entry
 
 
-def _scan_controlnets(root: Path, skipped: dict[Path, str]) -> Iterator[ModelEntry]:
+def _scan_controlnets(root: Path, skipped: dict[Path, str], read_header: ReadHeader) -> Iterator[ModelEntry]:
     suffixes = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
     for path in _walk(root, suffixes, "config.json"):
         def make(path: Path = path) -> ModelEntry:
@@ -476,7 +497,7 @@ def _scan_controlnets(root: Path, skipped: dict[Path, str]) -> Iterator[ModelEnt
                 return _file_entry("controlnet", root, path, _controlnet_folder_arch(path), {})
             if path.suffix.lower() != ".safetensors":
                 return _file_entry("controlnet", root, path, Arch.UNKNOWN, {})
-            header = _read_header(path)
+            header = read_header(path)
             return _file_entry("controlnet", root, path, probe.probe_controlnet(header), _public_metadata(header))
 
         yield from _guarded(path, skipped, make)
@@ -489,12 +510,12 @@ def _controlnet_folder_arch(path: Path) -> Arch:
 
 def _scan_simple(kind: str, root: Path, suffixes: tuple[str, ...],
                  probe_header: Callable[[probe.SafetensorsHeader], Arch] | None,
-                 skipped: dict[Path, str]) -> Iterator[ModelEntry]:
+                 skipped: dict[Path, str], read_header: ReadHeader) -> Iterator[ModelEntry]:
     for path in _walk(root, suffixes, None):
         def make(path: Path = path) -> ModelEntry:
             if path.suffix.lower() != ".safetensors":
                 return _file_entry(kind, root, path, Arch.UNKNOWN, {})
-            header = _read_header(path)
+            header = read_header(path)
             arch = probe_header(header) if probe_header else Arch.UNKNOWN
             return _file_entry(kind, root, path, arch, _public_metadata(header))
 

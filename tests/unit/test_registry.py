@@ -299,3 +299,46 @@ def test_entry_defaults_match_what_the_manager_builds(tmp_path):
                        size=1, mtime=0.0, metadata={}, builtin=False)
     assert entry.label == "x.vae.pt" and entry.sidecar_vae is None
     assert (entry.stem, entry.model_name) == ("x.vae", "x.vae")
+
+
+def test_a_second_refresh_of_2000_loras_and_embeddings_reads_no_headers(tmp_path):
+    """Headers of LoRAs and embeddings are cached by (path, mtime, size) between refreshes: a
+    rescan of a big folder costs stats only; a changed or added file is read again."""
+    from pipelines import probe
+
+    root = tmp_path / "big"
+    lora, embeddings = root / "models" / "Lora", root / "embeddings"
+    template = stripped.write_stripped(tmp_path / "template.safetensors", stripped.kohya_lora_sd1_layout(),
+                                       stripped.KOHYA_SD1_METADATA)
+    embedding = stripped.write_stripped(tmp_path / "emb.safetensors", {"emb_params": (2, 768)})
+    for i in range(10):
+        (lora / f"sub{i}").mkdir(parents=True)
+    embeddings.mkdir(parents=True)
+    for i in range(1800):  # hard links: 2000 files (paths) for the price of two
+        os.link(template, lora / f"sub{i % 10}" / f"style{i}.safetensors")
+    for i in range(200):
+        os.link(embedding, embeddings / f"word{i}.safetensors")
+    reads = []
+
+    def counting(path):
+        reads.append(path)
+        return probe.read_safetensors_header(path)
+
+    paths = ModelPaths(models_dir=root / "models", embeddings_dir=embeddings, builtin_dir=tmp_path / "none")
+    registry = ModelRegistry(paths, HashCache(tmp_path / "cache.json"), read_header=counting)
+    registry.refresh()
+    assert len(reads) == 2000 and len(registry.loras()) == 1800 and len(registry.embeddings()) == 200
+    first = {e.name: (e.arch, dict(e.metadata)) for e in registry.loras()}
+    reads.clear()
+    registry.refresh()
+    assert reads == []
+    assert {e.name: (e.arch, dict(e.metadata)) for e in registry.loras()} == first
+    assert registry.find("embedding", "word7").arch == Arch.SD1
+
+    changed = lora / "sub3" / "style3.safetensors"
+    changed.unlink()  # a new file in its place (writing through the link would change all of them)
+    stripped.write_stripped(changed, stripped.kohya_lora_sdxl_layout(), stripped.KOHYA_SDXL_METADATA)
+    os.link(template, lora / "new.safetensors")
+    registry.refresh()
+    assert sorted(reads) == sorted([changed, lora / "new.safetensors"])
+    assert registry.find("lora", "style3").arch == Arch.SDXL
