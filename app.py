@@ -33,7 +33,6 @@ def build_context(settings):
     from pipelines.limits import RequestLimits
     from pipelines.manager import PipelineManager
     from pipelines.optimizations import Optimizations
-    from pipelines.outputs import OutputStore
     from pipelines.registry import ModelRegistry
     from ui.context import AppContext
     from ui.presets import load_presets
@@ -44,18 +43,39 @@ def build_context(settings):
     device = resolve_device(settings.device)
     manager = PipelineManager(registry, ModelCache(settings.ram_cache_bytes()), device,
                               resolve_dtype(settings.precision, device),
-                              optimizations=Optimizations(fast=settings.fast or settings.fast_compile,
-                                                          compile=settings.fast_compile),
-                              memory=memory_options(settings))
-    outputs = OutputStore(settings.outputs_dir)
+                              optimizations=Optimizations.from_settings(settings),
+                              memory=memory_options(settings), lora_max_resident=settings.lora_max_resident,
+                              lora_fuse=settings.lora_fuse)
+    outputs = open_outputs(settings)
     extensions = load_app_extensions(settings)
-    prompts = PromptSource.for_data_dir(settings.data_dir)  # styles.csv + wildcards/
-    jobs = JobQueue(functools.partial(generate, manager, outputs, hooks=extensions.hooks(), prompts=prompts),
-                    max_queued_per_user=settings.max_queued_per_user,
+    prompts = PromptSource.for_data_dir(settings.data_dir,  # styles.csv + wildcards/
+                                        sdxl_clip_l_skip=settings.sdxl_clip_l_skip)
+    hooks = extensions.hooks()
+
+    def run(request, progress, cancel):
+        # The worker runs one job at a time: the current job is this request's, and its owner
+        # is recorded with every image it saves (the history index, "my results").
+        job = jobs.current()
+        return generate(manager, outputs.for_owner(job.owner if job is not None else None), request, progress,
+                        cancel, hooks=hooks, prompts=prompts)
+
+    jobs = JobQueue(run, max_queued_per_user=settings.max_queued_per_user,
                     admit=RequestLimits.from_settings(settings))
     return AppContext(settings=settings, registry=registry, manager=manager, jobs=jobs,
                       outputs=outputs, presets=load_presets(PRESETS_DIR), authenticator=authenticator(settings),
                       extensions=extensions, prompts=prompts, additions=extensions.additions())
+
+
+def open_outputs(settings):
+    """The outputs folder as the app starts it: temporary files of a save that was killed are
+    swept, and the history index (data/history.json) is loaded, or rebuilt from the images."""
+    from pipelines.history import INDEX_NAME, HistoryIndex
+    from pipelines.outputs import OutputStore
+
+    outputs = OutputStore(settings.outputs_dir, history=HistoryIndex(settings.data_dir / INDEX_NAME,
+                                                                     settings.outputs_dir))
+    outputs.recover()
+    return outputs
 
 
 def memory_options(settings):
@@ -76,10 +96,11 @@ def load_app_extensions(settings):
 
 
 def start_extensions(fastapi_app, ctx) -> None:
-    """After launch: mount extension routes under /ext/<name>/, then app_started hooks."""
+    """After launch: mount extension routes under /ext/<name>/ (behind the UI login or the
+    API's HTTP Basic users, like every other route), then app_started hooks."""
     from extensions.routes import mount_extension_routes
 
-    mount_extension_routes(fastapi_app, ctx.extensions)
+    mount_extension_routes(fastapi_app, ctx.extensions, api_authenticator(ctx.settings, ctx.authenticator))
     ctx.extensions.hooks().app_started(fastapi_app)
 
 

@@ -7,16 +7,22 @@ failure.
 
 `OutputStore` writes `root/<category>/<YYYY-MM-DD>/<NNNNN>-<seed>.<ext>` where NNNNN is one more
 than the highest number already in that folder (A1111's `get_next_sequence_number`), starting at
-00000, and never overwrites a file, even one another process wrote meanwhile.
+00000, and never overwrites a file, even one another process wrote meanwhile. With a history
+index (pipelines/history.py) each saved image is recorded with its owner; `for_owner(owner)` is
+the store as one job's generation sees it. `recover()` runs on start: a process killed while
+saving leaves only a hidden `.<name>.<hex>.tmp` (never a partial image), and this removes them.
 """
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
+import struct
 import threading
 import uuid
+import zlib
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -33,7 +39,10 @@ OUTPUT_CATEGORIES = frozenset({
 })
 EXTENSIONS = MappingProxyType({"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"})
 RE_NUMBERED = re.compile(r"^(\d{5,})-")
+RE_TEMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # atomic_write's temporary names
 MAX_NAME_ATTEMPTS = 1000
+OWNER_CHUNK = "easel_owner"  # PNG text chunk with a logged-in owner (pipelines/history.py)
+log = logging.getLogger("easel.outputs")
 
 # Filesystems without hard links (FAT, some network mounts) answer with one of these.
 _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK})
@@ -131,13 +140,64 @@ def next_sequence_number(folder: Path) -> int:
     return highest + 1
 
 
-class OutputStore:
-    """Writes generated images under `root`, one folder per category and day."""
+def sweep_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Remove the temporary files a killed atomic_write left behind (`.<name>.<12 hex>.tmp`);
+    returns them. Run on start, before anything writes (another Easel on the same data dir
+    would lose a save in progress)."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    candidates = root.rglob(".*.tmp") if recursive else root.glob(".*.tmp")
+    removed = []
+    for path in candidates:
+        if RE_TEMP.match(path.name) and path.is_file():
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            removed.append(path)
+    return removed
 
-    def __init__(self, root: str | os.PathLike, today: Callable[[], date] = date.today):
+
+def png_with_text(data: bytes, key: str, value: str) -> bytes:
+    """PNG bytes with one more tEXt chunk, placed before the image data (readers see it from
+    the header alone). `value` must be latin-1."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError("not PNG data")
+    body = key.encode("latin-1") + b"\0" + value.encode("latin-1")
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    offset = 8
+    while offset + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        if kind == b"IDAT":
+            return data[:offset] + chunk + data[offset:]
+        offset += 12 + length
+    raise ValueError("PNG data without image data")
+
+
+class OutputStore:
+    """Writes generated images under `root`, one folder per category and day; records each in
+    `history` (a pipelines.history.HistoryIndex) when given."""
+
+    def __init__(self, root: str | os.PathLike, today: Callable[[], date] = date.today, history: Any = None):
         self.root = Path(root)
+        self.history = history
         self._today = today
         self._lock = threading.Lock()
+
+    def for_owner(self, owner: str | None) -> "OwnedOutputs":
+        """This store, saving as `owner` (what one job's generate() gets)."""
+        return OwnedOutputs(self, owner)
+
+    def recover(self) -> list[Path]:
+        """On start: sweep the temporary files of interrupted saves, then bring the history
+        index up to date with the files. Returns the removed temporary files."""
+        removed = sweep_stale_temps(self.root)
+        for path in removed:
+            log.info("removed %s, left by a save that did not finish", path)
+        if self.history is not None:
+            log.info("history index: %s", self.history.load_or_rebuild())
+        return removed
 
     def folder(self, category: str) -> Path:
         if category not in OUTPUT_CATEGORIES:
@@ -154,19 +214,43 @@ class OutputStore:
         seed: int,
         infotext: str | None,
         fmt: str = "png",
+        owner: str | None = None,
     ) -> Path:
-        """Save `image` with its infotext as `<NNNNN>-<seed>.<ext>`; returns the new file's path."""
+        """Save `image` with its infotext as `<NNNNN>-<seed>.<ext>`; returns the new file's path.
+        A logged-in `owner` ("user:<login>") is written into a PNG too (see pipelines/history.py)."""
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         folder = self.folder(category)
         ext = _extension(fmt)
         data = image_bytes_with_infotext(image, infotext, fmt)
+        if ext == "png" and owner and owner.startswith("user:") and owner.isascii():
+            data = png_with_text(data, OWNER_CHUNK, owner)
         with self._lock:
             number = next_sequence_number(folder)
             for _ in range(MAX_NAME_ATTEMPTS):
                 path = folder / f"{number:05d}-{seed}.{ext}"
                 try:
-                    return atomic_write_bytes(path, data, overwrite=False)
+                    atomic_write_bytes(path, data, overwrite=False)
                 except FileExistsError:
                     number += 1  # another writer took this number; take the next
-        raise OSError(f"could not find a free file name in {folder}; check the folder")
+                    continue
+                break
+            else:
+                raise OSError(f"could not find a free file name in {folder}; check the folder")
+        if self.history is not None:
+            self.history.add(path, owner, infotext)
+        return path
+
+
+class OwnedOutputs:
+    """An OutputStore whose saves belong to one owner; everything else is the store's."""
+
+    def __init__(self, store: OutputStore, owner: str | None) -> None:
+        self.store = store
+        self.owner = owner
+
+    def save(self, image: Image.Image, *, category: str, seed: int, infotext: str | None, fmt: str = "png") -> Path:
+        return self.store.save(image, category=category, seed=seed, infotext=infotext, fmt=fmt, owner=self.owner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)

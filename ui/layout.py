@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ui import (control_tab, extensions_tab, extra_networks_tab, extras_tab, hires_controls, img2img, merger_tab,
-                png_info, queue_panel, settings_tab, topbar, transfers, txt2img)
+from ui import (control_tab, extensions_tab, extra_networks_tab, extras_tab, hires_controls, history_panel, img2img,
+                merger_tab, png_info, queue_panel, settings_tab, topbar, transfers, txt2img)
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.extension_slots import extension_tabs
@@ -36,6 +36,7 @@ def build_ui(ctx: AppContext) -> tuple[gr.Blocks, ComponentRegistry]:
             extensions_tab.build(ctx, reg)
             settings_tab.build(ctx, reg)
         queue_panel.build(ctx, reg)
+        history_panel.build(ctx, reg)
         topbar.wire(ctx, reg)
         merger_tab.wire(ctx, reg)
         transfers.build(ctx, reg)

@@ -18,7 +18,8 @@ from tests import factories
 from ui.control_form import control_fields
 
 PUBLIC_ENDPOINTS = {"/txt2img", "/img2img", "/png_info", "/merge_checkpoints", "/merge_loras",
-                    "/extras_single_image", "/extras_batch_images", "/extras_batch_directory", "/queue", "/cancel"}
+                    "/extras_single_image", "/extras_batch_images", "/extras_batch_directory", "/queue", "/cancel",
+                    "/history"}
 TXT2IMG_PARAMETERS = ["prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width",
                       "height", "seed", "batch_count", "batch_size", "styles", "clip_skip", "emphasis", "wildcard_mode", "enable_hr", "hr_scale", "hr_upscaler",
                       "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint", "hr_sampler", "hr_prompt",

@@ -225,3 +225,132 @@ def test_bad_seed_and_format_are_rejected(tmp_path):
 def test_default_clock_is_today(tmp_path):
     path = OutputStore(tmp_path).save(_image(), category="txt2img-images", seed=1, infotext=None)
     assert path.parent.name == date.today().isoformat()
+
+
+# ------------------------------------------------------------------ crash recovery and history index
+
+KILLED_SAVE = """
+import sys, time
+from pipelines.outputs import atomic_write
+
+def half_then_hang(handle):
+    handle.write(open(sys.argv[2], "rb").read()[:200])  # the first part of a real PNG
+    handle.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+
+atomic_write(sys.argv[1], half_then_hang, overwrite=False)
+"""
+
+
+def _history_store(tmp_path, clock=None):
+    from pipelines.history import HistoryIndex
+
+    history = HistoryIndex(tmp_path / "history.json", tmp_path / "outputs")
+    return OutputStore(tmp_path / "outputs", today=clock or FakeClock(date(2024, 7, 27)), history=history), history
+
+
+def test_a_save_killed_midway_leaves_no_partial_png_and_the_next_start_sweeps_its_temp(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import app
+    from pipelines.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data")
+    store, _history = _history_store(settings.data_dir)
+    done = store.save(_image(1), category="txt2img-images", seed=1, infotext=INFOTEXT, owner="user:ann")
+    folder = done.parent
+    target = folder / "00001-2.png"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(target), str(done)],
+                               cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    (temp,) = [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert temp.name.startswith(".00001-2.png.") and temp.stat().st_size == 200
+    assert not target.exists()  # never a partial image under the real name
+
+    outputs = app.open_outputs(settings)  # what app.build_context does on start
+    assert sorted(p.name for p in folder.iterdir()) == [done.name]
+    assert [e.path for e in outputs.history.entries()] == [done.relative_to(settings.outputs_dir).as_posix()]
+    again = outputs.save(_image(2), category="txt2img-images", seed=2, infotext=INFOTEXT)
+    assert again.name.endswith("-2.png") and Image.open(again).size == (16, 16)
+
+
+def test_saved_images_are_indexed_with_owner_and_summary_and_a_deleted_index_is_rebuilt_the_same(tmp_path):
+    from pipelines.history import HistoryIndex
+
+    store, history = _history_store(tmp_path)
+    ann = store.for_owner("user:ann")
+    first = ann.save(_image(1), category="txt2img-images", seed=11, infotext=INFOTEXT)
+    second = store.for_owner("user:bob").save(_image(2), category="img2img-images", seed=12, infotext="a cat\nSteps: 5, Seed: 12, Size: 16x16")
+    third = ann.save(_image(3), category="txt2img-images", seed=13, infotext=None)
+    with Image.open(first) as saved:
+        assert saved.info["easel_owner"] == "user:ann" and read_infotext(saved) == INFOTEXT
+        assert saved.convert("RGB").tobytes() == _image(1).tobytes()
+    assert [e.path for e in history.entries(owner="user:ann")] == [
+        third.relative_to(tmp_path / "outputs").as_posix(), first.relative_to(tmp_path / "outputs").as_posix()]
+    (entry,) = history.entries(owner="user:bob")
+    assert (entry.category, entry.prompt, dict(entry.params)) == ("img2img-images", "a cat",
+                                                                  {"Steps": "5", "Seed": "12", "Size": "16x16"})
+    first_entry = history.entries(owner="user:ann")[-1]
+    assert first_entry.negative_prompt == "blurry" and dict(first_entry.params)["Sampler"] == "Euler a"
+    before = history.entries()
+    assert len(before) == 3 and second.exists()
+
+    (tmp_path / "history.json").unlink()
+    rebuilt = HistoryIndex(tmp_path / "history.json", tmp_path / "outputs")
+    assert rebuilt.load_or_rebuild() == "rebuilt (missing)"
+    assert rebuilt.entries() == before  # owners come back from the PNGs' easel_owner chunk
+    assert HistoryIndex(tmp_path / "history.json", tmp_path / "outputs").load_or_rebuild() == "loaded"
+
+
+def test_a_corrupt_or_stale_index_is_rebuilt_from_the_files(tmp_path):
+    from pipelines.history import HistoryIndex
+
+    store, history = _history_store(tmp_path)
+    kept = store.save(_image(1), category="txt2img-images", seed=1, infotext=INFOTEXT, owner="user:ann")
+    gone = store.save(_image(2), category="txt2img-images", seed=2, infotext=INFOTEXT, owner="user:ann")
+    session = store.save(_image(3), category="txt2img-images", seed=3, infotext=INFOTEXT, owner="session:abc")
+    with Image.open(session) as saved:
+        assert "easel_owner" not in saved.info  # a session id is not written into a shared file
+    expected = history.entries()
+    for corrupt in ('{"version": 1, "entries": [{"path": 3}]}', "{not json", '{"version": 99, "entries": []}', "[]"):
+        (tmp_path / "history.json").write_text(corrupt)
+        fresh = HistoryIndex(tmp_path / "history.json", tmp_path / "outputs")
+        assert fresh.load_or_rebuild() == "rebuilt (corrupt)"
+        # the same entries, except that the session's owner lived in the index only
+        assert [(e.path, e.owner) for e in fresh.entries()] == [
+            (e.path, "" if e.owner.startswith("session:") else e.owner) for e in expected]
+    assert HistoryIndex(tmp_path / "history.json", tmp_path / "outputs").load_or_rebuild() == "loaded"
+
+    gone.unlink()  # deleted by hand, and an image that did not go through the store (Extras, a copy)
+    extra = tmp_path / "outputs" / "extras-images" / "2024-07-27" / "00000-5.png"
+    extra.parent.mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(extra)
+    (tmp_path / "outputs" / "notes.txt").write_text("not an image")
+    stale = HistoryIndex(tmp_path / "history.json", tmp_path / "outputs")
+    assert stale.load_or_rebuild() == "updated (stale: +1 ~0 -1)"
+    paths = {e.path: e for e in stale.entries()}
+    assert set(paths) == {kept.relative_to(tmp_path / "outputs").as_posix(),
+                          session.relative_to(tmp_path / "outputs").as_posix(), "extras-images/2024-07-27/00000-5.png"}
+    assert paths["extras-images/2024-07-27/00000-5.png"].category == "extras-images"
+    assert HistoryIndex(tmp_path / "history.json", tmp_path / "outputs").load_or_rebuild() == "loaded"
+
+
+def test_sweep_removes_only_atomic_write_temps(tmp_path):
+    from pipelines.outputs import sweep_stale_temps
+
+    folder = tmp_path / "txt2img-images" / "2024-07-27"
+    folder.mkdir(parents=True)
+    names = [".00001-5.png.0123456789ab.tmp", ".x.tmp", "00002-5.png", ".00003-1.png.nothex000000.tmp", "a.tmp"]
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    assert [p.name for p in sweep_stale_temps(tmp_path)] == [".00001-5.png.0123456789ab.tmp"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names[1:])
