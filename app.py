@@ -43,13 +43,12 @@ def build_context(settings):
     device = resolve_device(settings.device)
     manager = PipelineManager(registry, ModelCache(settings.ram_cache_bytes()), device,
                               resolve_dtype(settings.precision, device),
-                              optimizations=Optimizations.from_settings(settings),
-                              memory=memory_options(settings), lora_max_resident=settings.lora_max_resident,
-                              lora_fuse=settings.lora_fuse)
+                              optimizations=Optimizations(fast=settings.fast or settings.fast_compile,
+                                                          compile=settings.fast_compile),
+                              memory=memory_options(settings))
     outputs = open_outputs(settings)
     extensions = load_app_extensions(settings)
-    prompts = PromptSource.for_data_dir(settings.data_dir,  # styles.csv + wildcards/
-                                        sdxl_clip_l_skip=settings.sdxl_clip_l_skip)
+    prompts = PromptSource.for_data_dir(settings.data_dir)  # styles.csv + wildcards/
     hooks = extensions.hooks()
 
     def run(request, progress, cancel):
@@ -96,11 +95,10 @@ def load_app_extensions(settings):
 
 
 def start_extensions(fastapi_app, ctx) -> None:
-    """After launch: mount extension routes under /ext/<name>/ (behind the UI login or the
-    API's HTTP Basic users, like every other route), then app_started hooks."""
+    """After launch: mount extension routes under /ext/<name>/, then app_started hooks."""
     from extensions.routes import mount_extension_routes
 
-    mount_extension_routes(fastapi_app, ctx.extensions, api_authenticator(ctx.settings, ctx.authenticator))
+    mount_extension_routes(fastapi_app, ctx.extensions)
     ctx.extensions.hooks().app_started(fastapi_app)
 
 
