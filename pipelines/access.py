@@ -149,7 +149,7 @@ def served_paths(settings) -> tuple[list[str], list[str]]:
     installed extensions are blocked even if a later change allowed a parent folder."""
     allowed = [str(settings.outputs_dir.resolve())]
     blocked = [settings.models_root, settings.embeddings_root, settings.config_file, settings.cache_file,
-               settings.data_dir / "extensions"]
+               settings.data_dir / "extensions", settings.data_dir / "history.json"]
     if settings.auth_file:
         blocked.append(Path(settings.auth_file))
     return allowed, [str(Path(p).resolve()) for p in blocked]
@@ -160,14 +160,37 @@ def launch_report(settings, users: list[User], local_url: str | None, share_url:
     lines = [f"Easel is running at {local_url}", login_summary(users)]
     if settings.share:
         if share_url:
-            lines.append(f"public share link: {share_url} (lasts until the app stops or Gradio's share "
-                         "server expires it, at most about a week; restart for a new link)")
+            lines.append(f"public share link: {share_url} (Gradio's share server expires it after 72 hours, "
+                         "or it ends when the app stops; restart for a new link)")
         else:
             lines.append("the share tunnel could not be opened (offline, or the share server is "
                          f"unreachable); the app keeps running locally at {local_url}")
     if not settings.extension_install_allowed:
         lines.append("extension installation is disabled because the app is reachable over the network")
     return lines
+
+
+ADMIN_ONLY = "only admins (marked @name in the auth file) can {what}"
+
+
+def shared_change_refusal(authenticator, username: str | None, what: str) -> str | None:
+    """Why `username` may not change what every user shares (the REST API's default checkpoint,
+    loading or unloading the model): with logins only admins may; without logins there is one
+    (local) user, who may, as in A1111. None: allowed."""
+    if authenticator is None:
+        return None
+    is_admin = getattr(authenticator, "is_admin", None)
+    if is_admin is not None and is_admin(username):
+        return None
+    return ADMIN_ONLY.format(what=what) + ": it changes the server for every user"
+
+
+def cancel_all_refusal(authenticator, username: str | None) -> str | None:
+    """Cancelling everyone's jobs needs an admin login, with or without other logins."""
+    is_admin = getattr(authenticator, "is_admin", None)
+    if is_admin is not None and is_admin(username):
+        return None
+    return ADMIN_ONLY.format(what="cancel other users' jobs")
 
 
 def login_summary(users: list[User]) -> str:

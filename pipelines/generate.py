@@ -94,7 +94,7 @@ def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[i
     pipe = active.pipe
     # seed: DPM++ SDE draws its Brownian noise from it, so the same seed gives the same image.
     pipe.scheduler = samplers.make_scheduler(request.sampler, request.schedule, dict(pipe.scheduler.config),
-                                             seed=seeds[0])
+                                             seed=seeds[0], table=request.additions.samplers)
     # CPU generators: the same seed gives the same noise on every device (A1111 "RNG: CPU").
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     # A1111 prompt language: weights, chunks, clip skip; editing switched from the step callback

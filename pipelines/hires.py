@@ -50,7 +50,7 @@ def problems(request: Any) -> Iterator[str]:
         yield "choose a hires upscaler (Latent, Lanczos, Nearest or a model)"
     if not same_sampler(request.hr_sampler):
         try:
-            samplers.resolve(request.hr_sampler, request.schedule)
+            samplers.resolve(request.hr_sampler, request.schedule, request.additions.samplers)
         except ValueError as exc:
             yield f"hires sampler: {exc}"
     try:
@@ -130,7 +130,8 @@ def run_second_pass(manager: Any, active: Any, request: Any, latents: torch.Tens
 
     with _second_pass_pipeline(manager, active, request, latent_mode) as pipe:
         sampler = request.sampler if same_sampler(request.hr_sampler) else request.hr_sampler
-        pipe.scheduler = samplers.make_scheduler(sampler, request.schedule, dict(pipe.scheduler.config), seed=seeds[0])
+        pipe.scheduler = samplers.make_scheduler(sampler, request.schedule, dict(pipe.scheduler.config), seed=seeds[0],
+                                                 table=request.additions.samplers)
         # diffusers runs int(N * strength) steps; A1111 runs exactly the hires steps.
         total = max(int(steps / min(strength, 0.999)), steps)
         conditioning = _conditioning(pipe, request, prompts, len(seeds), steps)

@@ -108,7 +108,7 @@ def run(manager: Any, active: Any, request: Any, seeds: list[int], common: dict[
     latents = active.pipe(width=request.width, height=request.height, denoising_end=switch, **common).images
     with refiner_pipeline(manager, request.refiner_checkpoint) as pipe:
         pipe.scheduler = samplers.make_scheduler(request.sampler, request.schedule, dict(pipe.scheduler.config),
-                                                 seed=seeds[0])
+                                                 seed=seeds[0], table=request.additions.samplers)
         return pipe(image=latents, denoising_start=switch, num_inference_steps=request.steps,
                     prompt=[extract_extra_networks(positive)[0] for positive, _ in pairs],
                     negative_prompt=[extract_extra_networks(negative)[0] for _, negative in pairs],

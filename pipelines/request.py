@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from PIL import Image
 
 from pipelines import hires, refiner, samplers
+from pipelines.additions import NO_ADDITIONS, EngineAdditions
 from pipelines.control.units import ControlUnit, normalize_gligen_boxes
 
 TASKS = ("txt2img", "img2img", "inpaint")
@@ -21,6 +22,7 @@ RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
 INPAINT_FILLS = ("fill", "original")
 MAX_SEED = 2**32 - 1
 _IMAGE_FIELDS = ("init_image", "mask")
+_NOT_DATA = ("additions",)  # not part of to_dict / from_dict
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,16 @@ class GenerationRequest:
     clip_skip: int = 1  # A1111 "Clip skip" 1..12
     emphasis: str = "Original"  # A1111 emphasis mode: "Original" (mean restored) or "No norm"
     wildcard_mode: str = "random"  # "random" or "combinatorial" over the batch
+    # what extensions add (samplers, preprocessors): the app's tables, not data (pipelines/additions.py)
+    additions: EngineAdditions | None = field(default=NO_ADDITIONS, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.additions is None:
+            object.__setattr__(self, "additions", NO_ADDITIONS)
         problems = list(self._problems())
         if problems:
             raise ValueError("; ".join(problems))
-        sampler, schedule = samplers.resolve(self.sampler, self.schedule)
+        sampler, schedule = samplers.resolve(self.sampler, self.schedule, self.additions.samplers)
         object.__setattr__(self, "sampler", sampler)
         object.__setattr__(self, "schedule", schedule)
         object.__setattr__(self, "resize_mode", _resize_mode_name(self.resize_mode))
@@ -132,15 +138,15 @@ class GenerationRequest:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_DATA}
         for name in _IMAGE_FIELDS:
             data[name] = _image_to_b64(data[name])
         data["control_units"] = [unit.to_dict() for unit in self.control_units]
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GenerationRequest":
-        known = {f.name for f in fields(cls)}
+    def from_dict(cls, data: Mapping[str, Any], additions: EngineAdditions | None = None) -> "GenerationRequest":
+        known = data_fields()
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown request field(s): {', '.join(unknown)}")
@@ -148,7 +154,12 @@ class GenerationRequest:
         for name in _IMAGE_FIELDS:
             if isinstance(values.get(name), str):
                 values[name] = _b64_to_image(values[name])
-        return cls(**values)
+        return cls(**values, additions=additions)
+
+
+def data_fields() -> set[str]:
+    """The request's data fields (what to_dict writes and from_dict reads)."""
+    return {f.name for f in fields(GenerationRequest) if f.name not in _NOT_DATA}
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,16 @@ The tables follow AUTOMATIC1111 1.10 (`sd_samplers_kdiffusion`, `sd_samplers_tim
 `sd_schedulers`) plus Forge's DEIS and DDPM, mapped per /work/shared/reference/a1111-compat.md §f.
 A sampler or schedule that diffusers cannot honour is an error, never a silent fallback.
 diffusers is imported only when a scheduler is built, so validating names stays cheap.
+
+Extensions add samplers through a `SamplerTable` passed in explicitly (the request carries the
+app's, `request.additions.samplers`); without one only Easel's own samplers exist.
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 AUTOMATIC = "Automatic"
 # What the checkpoint's scheduler config says about the *model* (its noise schedule and what the
@@ -44,6 +47,48 @@ class SamplerSpec:
     approximate: bool = False  # diffusers has no exact equivalent; the closest one is used
     schedules: tuple[str, ...] = ()  # labels it accepts besides Automatic
     unavailable: str | None = None
+
+
+@dataclass(frozen=True)
+class ExtraSampler:
+    """A sampler an extension added: `make(model_config) -> diffusers scheduler`, where
+    `model_config` holds the checkpoint's MODEL_CONFIG_KEYS (betas, prediction type, ...). It
+    sets its own schedule, so it takes schedule type Automatic only."""
+    name: str
+    make: Callable[[dict], Any]
+    source: str = ""  # the extension that added it
+
+
+@dataclass(frozen=True)
+class SamplerTable:
+    """Easel's samplers plus `extra` ones; an empty table is Easel's own. Names are unique,
+    case-insensitively, and never shadow a built-in name, alias or legacy combined name."""
+    extra: tuple[ExtraSampler, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra", tuple(self.extra))
+        seen: set[str] = set()
+        for sampler in self.extra:
+            check_extra_sampler_name(sampler.name)
+            if _key(sampler.name) in seen:
+                raise ValueError(f"sampler '{sampler.name}' is added twice")
+            seen.add(_key(sampler.name))
+
+    def find(self, sampler: str | None) -> ExtraSampler | None:
+        key = _key(sampler or "")
+        return next((s for s in self.extra if _key(s.name) == key), None)
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.extra]
+
+
+def check_extra_sampler_name(name: str) -> None:
+    """ValueError when an added sampler's name is empty or is already one of Easel's."""
+    key = _key(name or "")
+    if not key:
+        raise ValueError("a sampler needs a name")
+    if _lookup_sampler(key) is not None or _split_legacy_name(key)[0] is not None:
+        raise ValueError(f"sampler name '{name}' is already Easel's: pick another name")
 
 
 def _ro(**values: Any) -> Mapping[str, Any]:
@@ -169,8 +214,9 @@ def schedules() -> list[ScheduleSpec]:
     return [s for s in _SCHEDULES if s.unavailable is None]
 
 
-def sampler_names() -> list[str]:
-    return [s.name for s in samplers()]
+def sampler_names(table: SamplerTable | None = None) -> list[str]:
+    """Easel's sampler names, then the table's extra ones (for menus and /sdapi/v1/samplers)."""
+    return [s.name for s in samplers()] + (table.names() if table else [])
 
 
 def schedule_labels() -> list[str]:
@@ -186,18 +232,24 @@ def sampler_spec(sampler: str) -> SamplerSpec:
     return spec
 
 
-def schedules_for(sampler: str) -> list[str]:
+def schedules_for(sampler: str, table: SamplerTable | None = None) -> list[str]:
     """Schedule labels that `sampler` accepts, Automatic first (for the UI dropdown)."""
+    if table is not None and table.find(sampler) is not None:
+        return [AUTOMATIC]
     spec = sampler_spec(sampler)
     return [AUTOMATIC] + [label for label in schedule_labels() if label in spec.schedules]
 
 
 # --- names -----------------------------------------------------------------------------------
 
-def resolve(sampler: str, schedule: str | None = None) -> tuple[str, str]:
+def resolve(sampler: str, schedule: str | None = None, table: SamplerTable | None = None) -> tuple[str, str]:
     """Canonical (sampler name, schedule label). Accepts aliases (`k_dpmpp_2m`), legacy combined
-    names ("DPM++ 2M Karras"), API schedule names (`karras`) and labels, case-insensitively."""
-    spec, named = _find_sampler(sampler)
+    names ("DPM++ 2M Karras"), API schedule names (`karras`) and labels, case-insensitively;
+    and the extra samplers of `table`."""
+    extra = table.find(sampler) if table is not None else None
+    if extra is not None:
+        return extra.name, _extra_schedule(extra, schedule)
+    spec, named = _find_sampler(sampler, table)
     chosen = _find_schedule(schedule) if schedule not in (None, "") else _schedule_by_label(AUTOMATIC)
     if named is not None:
         if chosen.label not in (AUTOMATIC, named.label):
@@ -213,6 +265,13 @@ def resolve(sampler: str, schedule: str | None = None) -> tuple[str, str]:
         raise ValueError(f"Schedule type '{chosen.label}' does not work with sampler '{spec.name}' "
                          f"(diffusers' {spec.scheduler_class} cannot honour it); pick one of: {allowed}")
     return spec.name, chosen.label
+
+
+def _extra_schedule(extra: ExtraSampler, schedule: str | None) -> str:
+    if schedule not in (None, "") and _find_schedule(schedule).label != AUTOMATIC:
+        origin = f" (from extension '{extra.source}')" if extra.source else ""
+        raise ValueError(f"Sampler '{extra.name}'{origin} sets its own schedule: use schedule type Automatic")
+    return AUTOMATIC
 
 
 def effective_schedule(sampler: str, schedule: str | None = None) -> str | None:
@@ -240,7 +299,7 @@ def _lookup_schedule(key: str) -> ScheduleSpec | None:
     return None
 
 
-def _find_sampler(sampler: str) -> tuple[SamplerSpec, ScheduleSpec | None]:
+def _find_sampler(sampler: str, table: SamplerTable | None = None) -> tuple[SamplerSpec, ScheduleSpec | None]:
     """The sampler, and the schedule a legacy combined name carries (None if it carries none)."""
     key = _key(sampler or "")
     if not key:
@@ -249,7 +308,7 @@ def _find_sampler(sampler: str) -> tuple[SamplerSpec, ScheduleSpec | None]:
     if spec is None:
         spec, named = _split_legacy_name(key)
     if spec is None:
-        raise ValueError(_unknown_sampler(sampler))
+        raise ValueError(_unknown_sampler(sampler, table))
     _ensure_sampler_available(spec)
     return spec, named
 
@@ -287,8 +346,8 @@ def _ensure_sampler_available(spec: SamplerSpec) -> None:
                          f"pick e.g. {_EXAMPLE_SAMPLER}")
 
 
-def _unknown_sampler(sampler: str) -> str:
-    return f"Unknown sampler '{sampler}'; pick one of: {', '.join(sampler_names())}"
+def _unknown_sampler(sampler: str, table: SamplerTable | None = None) -> str:
+    return f"Unknown sampler '{sampler}'; pick one of: {', '.join(sampler_names(table))}"
 
 
 # --- schedulers ------------------------------------------------------------------------------
@@ -323,15 +382,35 @@ def scheduler_config(sampler: str, schedule: str | None, base_config: Mapping[st
 
 
 def make_scheduler(sampler: str, schedule: str | None, base_config: Mapping[str, Any], *,
-                   seed: int | None = None):
+                   seed: int | None = None, table: SamplerTable | None = None):
     """A fresh diffusers scheduler (schedulers are stateful and not thread-safe: never share one).
 
     `base_config` is the checkpoint's scheduler config (`pipe.scheduler.config`); only its model
     keys (betas, prediction_type, zero-SNR, ...) are kept. `seed` seeds DPM++ SDE's Brownian noise
     so the same seed gives the same image; other samplers take noise from the pipeline generator.
+    An extra sampler of `table` gets the base config's model keys and builds its own scheduler.
     """
+    extra = table.find(sampler) if table is not None else None
+    if extra is not None:
+        _extra_schedule(extra, schedule)
+        return _make_extra(extra, base_config)
     class_name, config = scheduler_config(sampler, schedule, base_config, seed=seed)
     return _scheduler_class(class_name).from_config(config)
+
+
+def _make_extra(extra: ExtraSampler, base_config: Mapping[str, Any]):
+    from diffusers import SchedulerMixin
+
+    origin = f" (extension '{extra.source}')" if extra.source else ""
+    try:
+        scheduler = extra.make({k: base_config[k] for k in MODEL_CONFIG_KEYS if k in base_config})
+    except Exception as exc:
+        raise ValueError(f"sampler '{extra.name}'{origin} failed to build its scheduler: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(scheduler, SchedulerMixin):
+        raise ValueError(f"sampler '{extra.name}'{origin} returned {type(scheduler).__name__}, "
+                         f"not a diffusers scheduler")
+    return scheduler
 
 
 def _scheduler_class(class_name: str):

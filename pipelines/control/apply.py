@@ -112,12 +112,14 @@ def pixel_perfect_resolution(image: Image.Image, width: int, height: int, resize
     return max(64, int(round(k * min(image.width, image.height))))
 
 
-def control_image(unit: ControlUnit, source: Image.Image, width: int, height: int, models_dir) -> Image.Image:
-    """The preprocessed map at the generation size, resized with the unit's resize mode."""
+def control_image(unit: ControlUnit, source: Image.Image, width: int, height: int, models_dir,
+                  table: preprocessors.PreprocessorTable | None = None) -> Image.Image:
+    """The preprocessed map at the generation size, resized with the unit's resize mode
+    (`table`: the extensions' preprocessors, from `request.additions`)."""
     resolution = pixel_perfect_resolution(source, width, height, unit.resize_mode) if unit.pixel_perfect \
         else unit.processor_res
     detected = preprocessors.detect(unit.module, source, resolution=resolution, threshold_a=unit.threshold_a,
-                                    threshold_b=unit.threshold_b, models_dir=models_dir)
+                                    threshold_b=unit.threshold_b, models_dir=models_dir, table=table)
     return imageops.resize_image(detected, width, height, unit.resize_mode.lower())
 
 
@@ -200,7 +202,8 @@ def attach(manager, active, request) -> Iterator[tuple[Any, dict[str, Any]]]:
     controlnets = [r for r in resolved if r.kind in ("controlnet", "t2i_adapter")]
     adapters = [r for r in resolved if r.kind == "ip_adapter"]
     # Preprocess before loading anything: a bad image or a missing annotator fails fast.
-    images = [control_image(r.unit, unit_source(r.unit, r.index, request), request.width, request.height, models_dir)
+    images = [control_image(r.unit, unit_source(r.unit, r.index, request), request.width, request.height, models_dir,
+                            request.additions.preprocessors)
               for r in controlnets]
     prompts = [unit_source(r.unit, r.index, request).convert("RGB") for r in adapters]
     encoder_dir = ip_adapter.find_image_encoder(models_dir, adapters[0].entry.path) if adapters else None
@@ -289,7 +292,7 @@ def infotext_params(manager, request) -> dict[str, str]:
         except (ValueError, OSError):
             pass
         # The thresholds that ran, not the "-1 = default" placeholder.
-        processor = preprocessors.get(unit.module)
+        processor = preprocessors.get(unit.module, request.additions.preprocessors)
         unit = unit.with_changes(threshold_a=processor.value_a(unit.threshold_a),
                                  threshold_b=processor.value_b(unit.threshold_b))
         params[f"ControlNet {index}"] = unit.infotext_value(title)

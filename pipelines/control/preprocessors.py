@@ -8,13 +8,16 @@ torchvision-based detectors at import time, and torchvision does not match our t
 so they report exactly which file goes where and why they cannot run.
 
 Thresholds follow the extension: -1 means "the preprocessor's default".
+
+Extensions add preprocessors through a `PreprocessorTable` passed in explicitly (the request
+carries the app's, `request.additions.preprocessors`); without one only these exist.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -40,6 +43,7 @@ class Preprocessor:
     threshold_b: Slider | None = None
     annotator: str | None = None  # file it needs, relative to models/annotators/
     aliases: tuple[str, ...] = ()
+    source: str = ""  # the extension that added it ("" for Easel's own)
 
     @property
     def needs_weights(self) -> bool:
@@ -166,16 +170,69 @@ PREPROCESSORS = MappingProxyType({p.name: p for p in _ALL})
 _BY_ALIAS = MappingProxyType({alias: p.name for p in _ALL for alias in p.aliases})
 
 
-def names() -> list[str]:
-    return list(PREPROCESSORS)
+# --- added by extensions -----------------------------------------------------------------------
+
+def extension_preprocessor(name: str, fn: Callable[[Image.Image], Any], source: str = "") -> Preprocessor:
+    """Wrap an extension's `fn(image: PIL RGB) -> PIL image or HxWx3 uint8 array` as a
+    preprocessor (no thresholds). Its errors name it and its extension."""
+    key = (name or "").strip().lower()
+    if not key:
+        raise ValueError("a preprocessor needs a name")
+    if key in PREPROCESSORS or key in _BY_ALIAS:
+        raise ValueError(f"preprocessor name '{name}' is already Easel's: pick another name")
+    origin = f" (extension '{source}')" if source else ""
+
+    def run(image: np.ndarray, _a: float, _b: float) -> np.ndarray:
+        try:
+            out = fn(Image.fromarray(image, "RGB"))
+        except Exception as exc:
+            raise ValueError(f"preprocessor '{key}'{origin} failed: {type(exc).__name__}: {exc}") from exc
+        if isinstance(out, Image.Image):
+            return np.asarray(out.convert("RGB"))
+        array = np.asarray(out)
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"preprocessor '{key}'{origin} returned {type(out).__name__} {array.shape}, "
+                             f"not a PIL image or an HxWx3 array")
+        return array
+
+    return Preprocessor(key, run, source=source)
 
 
-def get(name: str) -> Preprocessor:
+@dataclass(frozen=True)
+class PreprocessorTable:
+    """Easel's preprocessors plus `extra` ones (see `extension_preprocessor`); names are unique."""
+    extra: tuple[Preprocessor, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra", tuple(self.extra))
+        names_ = [p.name for p in self.extra]
+        clash = sorted({n for n in names_ if names_.count(n) > 1 or n in PREPROCESSORS or n in _BY_ALIAS})
+        if clash:
+            raise ValueError(f"preprocessor name(s) {', '.join(clash)} already taken")
+
+    def find(self, name: str) -> Preprocessor | None:
+        key = (name or "").strip().lower()
+        return next((p for p in self.extra if p.name == key), None)
+
+
+def names(table: PreprocessorTable | None = None) -> list[str]:
+    """Easel's preprocessor names, then the table's extra ones."""
+    return list(PREPROCESSORS) + ([p.name for p in table.extra] if table else [])
+
+
+def all_preprocessors(table: PreprocessorTable | None = None) -> list[Preprocessor]:
+    return list(PREPROCESSORS.values()) + (list(table.extra) if table else [])
+
+
+def get(name: str, table: PreprocessorTable | None = None) -> Preprocessor:
     key = (name or "none").strip().lower()
     key = _BY_ALIAS.get(key, key)
-    if key not in PREPROCESSORS:
-        raise ValueError(f"unknown ControlNet preprocessor '{name}'; use one of: {', '.join(PREPROCESSORS)}")
-    return PREPROCESSORS[key]
+    if key in PREPROCESSORS:
+        return PREPROCESSORS[key]
+    extra = table.find(key) if table is not None else None
+    if extra is None:
+        raise ValueError(f"unknown ControlNet preprocessor '{name}'; use one of: {', '.join(names(table))}")
+    return extra
 
 
 def annotator_path(preprocessor: Preprocessor, models_dir: Path) -> Path | None:
@@ -198,9 +255,10 @@ def unavailable_reason(preprocessor: Preprocessor, models_dir: Path) -> str | No
 
 
 def detect(name: str, image: Image.Image, *, resolution: int = 512, threshold_a: float = -1,
-           threshold_b: float = -1, models_dir: Path | None = None) -> Image.Image:
+           threshold_b: float = -1, models_dir: Path | None = None,
+           table: PreprocessorTable | None = None) -> Image.Image:
     """Run one preprocessor on an image at `resolution` (short side; -1 keeps the size)."""
-    preprocessor = get(name)
+    preprocessor = get(name, table)
     if preprocessor.run is None:
         raise PreprocessorUnavailable(unavailable_reason(preprocessor, models_dir or Path("models")))
     source = image.convert("RGB")
