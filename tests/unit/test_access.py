@@ -63,7 +63,9 @@ def test_launch_report_says_where_who_and_that_the_tunnel_failed(tmp_path):
     assert lines[1] == "users who may log in: root (admin), guest"
     assert any("share tunnel could not be opened" in line and "locally" in line for line in lines)
     ok = access.launch_report(shared, users, "http://127.0.0.1:7860/", "https://abc.gradio.live")
-    assert any("https://abc.gradio.live" in line and "week" in line for line in ok)
+    # Gradio's share server expires links after 72 h (shared/reference/security-anchors.md 1.3)
+    (link,) = [line for line in ok if "https://abc.gradio.live" in line]
+    assert "expires it after 72 hours" in link and "week" not in link
 
 
 def test_main_refuses_share_without_auth_before_building_anything(tmp_path, capsys):
@@ -79,3 +81,24 @@ def test_hash_command_reads_stdin_and_prints_a_usable_hash(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("pw\n"))
     assert access._main(["hash"]) == 0
     assert access.verify_password("pw", capsys.readouterr().out.strip())
+
+
+def test_with_logins_only_admins_change_shared_state_and_cancel_all(tmp_path):
+    auth = access.Authenticator(access.load_users("@root:p,guest:q", None))
+    assert access.shared_change_refusal(auth, "root", "unload the checkpoint") is None
+    refusal = access.shared_change_refusal(auth, "guest", "unload the checkpoint")
+    assert refusal == ("only admins (marked @name in the auth file) can unload the checkpoint: "
+                       "it changes the server for every user")
+    assert access.shared_change_refusal(auth, None, "x") is not None
+    assert access.shared_change_refusal(None, None, "x") is None  # no logins: the one local user may
+    assert access.cancel_all_refusal(auth, "root") is None
+    assert "cancel other users' jobs" in access.cancel_all_refusal(auth, "guest")
+    assert access.cancel_all_refusal(None, None) is not None  # nobody is an admin without logins
+
+
+def test_served_paths_allow_the_outputs_only_and_block_the_private_files(tmp_path):
+    settings = Settings(data_dir=tmp_path, auth_file=tmp_path / "users.txt")
+    allowed, blocked = access.served_paths(settings)
+    assert allowed == [str((tmp_path / "outputs").resolve())]
+    for private in ("models", "embeddings", "config.json", "cache.json", "extensions", "history.json", "users.txt"):
+        assert str((tmp_path / private).resolve()) in blocked
