@@ -43,8 +43,7 @@ def build_context(settings):
     device = resolve_device(settings.device)
     manager = PipelineManager(registry, ModelCache(settings.ram_cache_bytes()), device,
                               resolve_dtype(settings.precision, device),
-                              optimizations=Optimizations(fast=settings.fast or settings.fast_compile,
-                                                          compile=settings.fast_compile),
+                              optimizations=Optimizations.from_settings(settings),
                               memory=memory_options(settings))
     outputs = open_outputs(settings)
     extensions = load_app_extensions(settings)

@@ -49,6 +49,11 @@ class Settings:
     api_auth: str | None = None  # user:pass[,u2:p2] for the REST API; default: --auth
     fast: bool = False  # fast mode: channels_last + fused QKV (pipelines/optimizations.py)
     fast_compile: bool = False  # fast mode plus regional torch.compile of the UNet
+    fast_compile_mode: str = "default"  # "reduce-overhead": CUDA graphs (whole UNet, CUDA only)
+    fast_compile_backend: str = "inductor"  # "aot_eager"/"eager": Dynamo without code generation
+    fast_lora_rank: int = 128  # with --fast-compile: LoRAs padded to this rank for hot-swapping
+    deepcache: int = 0  # DeepCache: full UNet every N steps (0: off; pipelines/accelerators.py)
+    tomesd: float = 0.0  # token merging ratio in self-attention (0: off)
     medvram: bool = False  # model CPU offload (pipelines/memory.py)
     lowvram: bool = False  # sequential CPU offload
     vae_tile_above_pixels: int = 1536 * 1536  # VAE tiling+slicing past this many pixels; 0: never
@@ -151,6 +156,8 @@ _FIELD_TYPES = {"data_dir": Path, "models_dir": Path, "embeddings_dir": Path, "a
                 "max_height": int, "max_steps": int, "max_batch_images": int, "max_upload_mb": float,
                 "max_upload_pixels": int, "max_request_mb": float, "api_auth": str, "control_net_unit_count": int,
                 "fast": bool, "fast_compile": bool, "medvram": bool, "lowvram": bool,
+                "fast_compile_mode": str, "fast_compile_backend": str, "fast_lora_rank": int,
+                "deepcache": int, "tomesd": float,
                 "vae_tile_above_pixels": int}
 
 
@@ -229,4 +236,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="decode images larger than this many pixels with a tiled VAE (0: never)")
     p.add_argument("--fast-compile", dest="fast_compile", action="store_true", default=None,
                    help="fast mode plus torch.compile of the UNet's repeated blocks (first image per size compiles)")
+    p.add_argument("--fast-compile-mode", dest="fast_compile_mode",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode for --fast-compile; reduce-overhead = CUDA graphs (CUDA only)")
+    p.add_argument("--fast-compile-backend", dest="fast_compile_backend",
+                   choices=("inductor", "aot_eager", "eager", "cudagraphs"), help="torch.compile backend (default inductor)")
+    p.add_argument("--fast-lora-rank", dest="fast_lora_rank", type=int,
+                   help="with --fast-compile: largest LoRA rank to expect; LoRAs are padded to it so hot-swaps do not recompile")
+    p.add_argument("--deepcache", dest="deepcache", type=int, metavar="N",
+                   help="DeepCache: run the full UNet every N steps, reuse its deep features in between (off: 0)")
+    p.add_argument("--tomesd", dest="tomesd", type=float, metavar="RATIO",
+                   help="token merging: merge this share of tokens in self-attention, e.g. 0.5 (off: 0)")
     return p
