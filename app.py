@@ -61,7 +61,7 @@ def build_context(settings):
                     admit=RequestLimits.from_settings(settings))
     return AppContext(settings=settings, registry=registry, manager=manager, jobs=jobs,
                       outputs=outputs, presets=load_presets(PRESETS_DIR), authenticator=authenticator(settings),
-                      extensions=extensions, prompts=prompts)
+                      extensions=extensions, prompts=prompts, additions=extensions.additions())
 
 
 def open_outputs(settings):

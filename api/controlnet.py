@@ -56,11 +56,13 @@ def model_titles(registry: Any) -> list[str]:
     return titles
 
 
-def module_detail(models_dir) -> dict[str, Any]:
+def module_detail(models_dir, table=None) -> dict[str, Any]:
+    """Sliders and availability per preprocessor, the extensions' (`table`) after Easel's."""
     from pipelines.control import preprocessors
 
     detail = {}
-    for name, pre in preprocessors.PREPROCESSORS.items():
+    for pre in preprocessors.all_preprocessors(table):
+        name = pre.name
         sliders = [{"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048}]
         for slider in (pre.threshold_a, pre.threshold_b):
             if slider is not None:
@@ -71,10 +73,10 @@ def module_detail(models_dir) -> dict[str, Any]:
     return detail
 
 
-def control_types(registry: Any) -> dict[str, Any]:
+def control_types(registry: Any, table=None) -> dict[str, Any]:
     from pipelines.control import preprocessors
 
-    modules = preprocessors.names()
+    modules = preprocessors.names(table)
     models = model_titles(registry)
     types = {"All": {"module_list": modules, "model_list": ["None", *models], "default_option": "none",
                      "default_model": "None"}}
@@ -84,6 +86,12 @@ def control_types(registry: Any) -> dict[str, Any]:
         types[label] = {"module_list": ["none", *mods], "model_list": ["None", *mdls],
                         "default_option": mods[0] if mods else "none", "default_model": mdls[0] if mdls else "None"}
     return types
+
+
+def preprocessor_table(ctx: Any):
+    """The extensions' preprocessors of the app (none for a bare context)."""
+    additions = getattr(ctx, "additions", None)
+    return additions.preprocessors if additions is not None else None
 
 
 def build_router(ctx: Any, authenticate, limits: ImageLimits) -> APIRouter:
@@ -104,11 +112,12 @@ def build_router(ctx: Any, authenticate, limits: ImageLimits) -> APIRouter:
     def module_list(alias_names: bool = Query(False)) -> dict[str, Any]:
         from pipelines.control import preprocessors
 
-        return {"module_list": preprocessors.names(), "module_detail": module_detail(ctx.settings.models_root)}
+        table = preprocessor_table(ctx)
+        return {"module_list": preprocessors.names(table), "module_detail": module_detail(ctx.settings.models_root, table)}
 
     @router.get("/control_types")
     def control_types_route() -> dict[str, Any]:
-        return {"control_types": control_types(ctx.registry)}
+        return {"control_types": control_types(ctx.registry, preprocessor_table(ctx))}
 
     @router.get("/settings")
     def settings() -> dict[str, int]:
@@ -128,7 +137,7 @@ def build_router(ctx: Any, authenticate, limits: ImageLimits) -> APIRouter:
                                             resolution=payload.controlnet_processor_res,
                                             threshold_a=payload.controlnet_threshold_a,
                                             threshold_b=payload.controlnet_threshold_b,
-                                            models_dir=ctx.settings.models_root)
+                                            models_dir=ctx.settings.models_root, table=preprocessor_table(ctx))
             images.append(encode_png(detected, None))
         return {"images": images, "info": "Success"}
 

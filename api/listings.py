@@ -52,11 +52,14 @@ def embeddings(registry: Any) -> dict[str, Any]:
     return {"loaded": loaded, "skipped": skipped}
 
 
-def sampler_list() -> list[dict[str, Any]]:
+def sampler_list(table: samplers.SamplerTable | None = None) -> list[dict[str, Any]]:
+    """Easel's samplers, then the extensions' (`table`, options naming the extension)."""
     out = []
     for spec in samplers.samplers():
         options = {k: v for k, v in spec.options.items() if isinstance(v, (str, int, float, bool))}
         out.append({"name": spec.name, "aliases": list(spec.aliases), "options": options})
+    for extra in table.extra if table is not None else ():
+        out.append({"name": extra.name, "aliases": [], "options": {"extension": extra.source}})
     return out
 
 

@@ -13,6 +13,7 @@ from api.images import ImageLimits, decode_image, encode_png
 from api.models import Img2ImgRequest, Txt2ImgRequest, _Processing
 from api.options import CHECKPOINT, CLIP_SKIP, VAE, ApiOptions
 from pipelines.metadata import parse_infotext_typed, split_infotext
+from pipelines.additions import EngineAdditions
 from pipelines.request import GenerationRequest, GenerationResult
 
 MASKED_CONTENT = {0: "fill", 1: "original"}  # 2 latent noise, 3 latent nothing: not in Easel
@@ -94,15 +95,16 @@ def _common(payload: _Processing, options: ApiOptions, limits: ImageLimits) -> d
 
 
 def txt2img_request(payload: Txt2ImgRequest, options: ApiOptions,
-                    limits: ImageLimits = ImageLimits()) -> GenerationRequest:
+                    limits: ImageLimits = ImageLimits(), additions: EngineAdditions | None = None) -> GenerationRequest:
+    """`additions`: the app's extension samplers/preprocessors, so their names are accepted."""
     values = _common(payload, options, limits)
     if payload.denoising_strength is not None:  # the hires fix's second pass
         values["denoising_strength"] = payload.denoising_strength
-    return GenerationRequest(task="txt2img", **values)
+    return GenerationRequest(task="txt2img", additions=additions, **values)
 
 
 def img2img_request(payload: Img2ImgRequest, options: ApiOptions,
-                    limits: ImageLimits = ImageLimits()) -> GenerationRequest:
+                    limits: ImageLimits = ImageLimits(), additions: EngineAdditions | None = None) -> GenerationRequest:
     if not payload.init_images:
         raise ValueError("init_images must hold at least one base64 image")
     init = decode_image(payload.init_images[0], "init_images[0]", limits).convert("RGB")
@@ -124,7 +126,7 @@ def img2img_request(payload: Img2ImgRequest, options: ApiOptions,
         inpaint_full_res=bool(payload.inpaint_full_res),
         inpaint_full_res_padding=payload.inpaint_full_res_padding,
         inpainting_mask_invert=bool(payload.inpainting_mask_invert),
-        **_common(payload, options, limits))
+        additions=additions, **_common(payload, options, limits))
 
 
 def echo_parameters(payload: _Processing) -> dict[str, Any]:

@@ -92,14 +92,26 @@ class ExtensionAPI:
     # --- engine additions --------------------------------------------------------------------
 
     def add_sampler(self, name: str, make_scheduler: Callable[[dict], Any]) -> None:
-        """Record a sampler: `make_scheduler(base_config) -> diffusers scheduler`."""
+        """A sampler in every sampler menu, the API and X/Y/Z: `make_scheduler(base_config) ->
+        diffusers scheduler`, called for each request with the checkpoint's scheduler config."""
+        from pipelines.samplers import check_extra_sampler_name
+
         self._check_open()
+        check_extra_sampler_name(str(name))
+        if not callable(make_scheduler):
+            raise ValueError(f"sampler '{name}': make_scheduler must be callable")
         self.registered.samplers[str(name)] = make_scheduler
 
     def add_preprocessor(self, name: str, fn: Callable[..., Any]) -> None:
-        """Record an image preprocessor `fn(image, **options) -> image` (control units use them)."""
+        """A ControlNet preprocessor: `fn(image: PIL RGB) -> PIL image` (or an HxWx3 uint8 array),
+        offered in the unit menus, /controlnet/module_list and /controlnet/detect."""
+        from pipelines.control.preprocessors import extension_preprocessor
+
         self._check_open()
-        self.registered.preprocessors[str(name)] = fn
+        if not callable(fn):
+            raise ValueError(f"preprocessor '{name}': fn must be callable")
+        extension_preprocessor(str(name), fn, self.name)  # checks the name
+        self.registered.preprocessors[str(name).strip().lower()] = fn
 
     def add_infotext_field(self, key: str, value: Callable[[Any], Any]) -> None:
         """`value(request)` -> what to write after `key:` in the infotext (None: leave it out)."""

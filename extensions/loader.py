@@ -88,6 +88,34 @@ class ExtensionSet:
     def preprocessors(self) -> dict[str, Any]:
         return {name: fn for r in self.loaded() for name, fn in r.registered.preprocessors.items()}
 
+    def additions(self):
+        """The loaded extensions' samplers and preprocessors as the engine's tables
+        (pipelines.additions.EngineAdditions). A name a previous extension already added is
+        left out and recorded as that extension's error."""
+        from pipelines.additions import EngineAdditions
+        from pipelines.control.preprocessors import PreprocessorTable, extension_preprocessor
+        from pipelines.samplers import ExtraSampler, SamplerTable
+
+        extra_samplers, extra_preprocessors = [], []
+        for record in self.loaded():
+            for name, make in record.registered.samplers.items():
+                if any(s.name.casefold() == name.casefold() for s in extra_samplers):
+                    _taken(record, f"sampler '{name}'")
+                    continue
+                extra_samplers.append(ExtraSampler(name, make, record.name))
+            for name, fn in record.registered.preprocessors.items():
+                if any(p.name == name for p in extra_preprocessors):
+                    _taken(record, f"preprocessor '{name}'")
+                    continue
+                extra_preprocessors.append(extension_preprocessor(name, fn, record.name))
+        return EngineAdditions(SamplerTable(tuple(extra_samplers)), PreprocessorTable(tuple(extra_preprocessors)))
+
+
+def _taken(record: ExtensionRecord, what: str) -> None:
+    error = ValueError("another extension added it first; this one is left out")
+    log.error("extension '%s': %s: %s", record.name, what, error)
+    record.record_hook_error(what, error)
+
 
 def discover(folder: Path, builtin: bool) -> list[ExtensionRecord]:
     """One record per sub-folder (hidden folders and files skipped), manifest read, nothing imported."""

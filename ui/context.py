@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.additions import NO_ADDITIONS
 from pipelines.settings import Settings
 
 
@@ -19,3 +20,4 @@ class AppContext:
     extensions: Any = None  # extensions.loader.ExtensionSet
     restart: Any = None  # callable that restarts the app (set by app.main); None: restart by hand
     prompts: Any = None  # pipelines.prompts.source.PromptSource: styles and wildcards
+    additions: Any = NO_ADDITIONS  # pipelines.additions.EngineAdditions: extensions' samplers, preprocessors

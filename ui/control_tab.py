@@ -84,14 +84,16 @@ def model_choices(ctx: AppContext, checkpoint: str | None) -> list[str]:
 
 
 def preview_map(models_dir, source, module: str, resolution: float, pixel_perfect: bool, resize_mode: str,
-                threshold_a: float, threshold_b: float, width: float, height: float):
-    """What the Preview button shows: the detected map at the resolution generation will use."""
+                threshold_a: float, threshold_b: float, width: float, height: float,
+                table: preprocessors.PreprocessorTable | None = None):
+    """What the Preview button shows: the detected map at the resolution generation will use
+    (`table`: the extensions' preprocessors, `ctx.additions.preprocessors`)."""
     if source is None:
         raise ValueError("upload a control image first (in img2img, or an init image)")
     if pixel_perfect:
         resolution = pixel_perfect_resolution(source, int(width), int(height), resize_mode)
     return preprocessors.detect(module, source, resolution=int(resolution), threshold_a=float(threshold_a),
-                                threshold_b=float(threshold_b), models_dir=models_dir)
+                                threshold_b=float(threshold_b), models_dir=models_dir, table=table)
 
 
 def _slider_update(slider: preprocessors.Slider | None) -> Any:
@@ -108,7 +110,8 @@ def build(ctx: AppContext, reg: ComponentRegistry, tab: str) -> None:
         with gr.Tabs():
             for index in range(unit_count(ctx)):
                 with gr.Tab(f"ControlNet Unit {index}"):
-                    _unit(reg, tab, index, choices, ctx.settings.max_upload_pixels)
+                    _unit(reg, tab, index, choices, ctx.settings.max_upload_pixels,
+                          preprocessors.names(ctx.additions.preprocessors))
     for index in range(unit_count(ctx)):
         _wire_unit(ctx, reg, tab, index)
     with gr.Accordion("GLIGEN", open=False, elem_id=f"{tab}_gligen"):
@@ -124,7 +127,8 @@ def build(ctx: AppContext, reg: ComponentRegistry, tab: str) -> None:
                   outputs=[reg[f"{tab}.gligen_model"]], **_PRIVATE)
 
 
-def _unit(reg: ComponentRegistry, tab: str, index: int, choices: list[str], max_pixels: int) -> None:
+def _unit(reg: ComponentRegistry, tab: str, index: int, choices: list[str], max_pixels: int,
+          modules: list[str]) -> None:
     def add(field: str, component):
         return reg.add(f"{tab}.{field_name(index, field)}", component)
 
@@ -139,7 +143,7 @@ def _unit(reg: ComponentRegistry, tab: str, index: int, choices: list[str], max_
         add("pixel_perfect", gr.Checkbox(False, label="Pixel perfect"))
         reg.add(f"{tab}.cn{index}_preview", gr.Button("Preview", size="sm"))
     with gr.Row():
-        add("module", gr.Dropdown(preprocessors.names(), value="none", label="Preprocessor"))
+        add("module", gr.Dropdown(modules, value="none", label="Preprocessor"))
         add("model", gr.Dropdown(choices, value=NO_MODEL, label="Model", allow_custom_value=True))
         reg.add(f"{tab}.cn{index}_refresh", gr.Button("↻", size="sm", min_width=40, scale=0))
     with gr.Row():
@@ -160,7 +164,7 @@ def _wire_unit(ctx: AppContext, reg: ComponentRegistry, tab: str, index: int) ->
 
     def on_module(name: str):
         try:
-            processor = preprocessors.get(name)
+            processor = preprocessors.get(name, ctx.additions.preprocessors)
         except ValueError:
             return gr.skip(), gr.skip()
         return _slider_update(processor.threshold_a), _slider_update(processor.threshold_b)
@@ -173,7 +177,8 @@ def _wire_unit(ctx: AppContext, reg: ComponentRegistry, tab: str, index: int) ->
                 init_image=None):
         try:
             return preview_map(ctx.registry.paths.models_dir, image if image is not None else init_image, module,
-                               resolution, pixel_perfect, resize_mode, threshold_a, threshold_b, width, height)
+                               resolution, pixel_perfect, resize_mode, threshold_a, threshold_b, width, height,
+                               ctx.additions.preprocessors)
         except ValueError as exc:
             raise user_error(exc) from exc
 

@@ -37,7 +37,7 @@ class ExtensionUI:
 
     def request_from(self, values: dict[str, Any], tab: str | None = None) -> GenerationRequest:
         _fields, build = _FORMS[tab or self.tab or "txt2img"]
-        return build(values)
+        return build(values, getattr(self._ctx, "additions", None))
 
     def owner(self, gradio_request: Any) -> str:
         """The job owner of the user behind a Gradio event (fair queue, own-only cancel)."""

@@ -30,13 +30,15 @@ def prompt_area(reg: ComponentRegistry, tab: str) -> None:
             reg.add(f"{tab}.interrupt", gr.Button("Interrupt", variant="stop", elem_id=f"{tab}_interrupt"))
 
 
-def sampling_controls(reg: ComponentRegistry, tab: str, preset: Preset) -> None:
+def sampling_controls(reg: ComponentRegistry, tab: str, preset: Preset,
+                      sampler_table: samplers.SamplerTable | None = None) -> None:
+    """`sampler_table`: the app's (extensions' samplers are offered after Easel's)."""
     with gr.Row():
         reg.add(f"{tab}.sampler", gr.Dropdown(
-            samplers.sampler_names(), value=preset.sampler, label="Sampling method",
+            samplers.sampler_names(sampler_table), value=preset.sampler, label="Sampling method",
             allow_custom_value=True, elem_id=f"{tab}_sampler"))
         reg.add(f"{tab}.schedule", gr.Dropdown(
-            schedule_choices(preset.sampler), value=preset.schedule, label="Schedule type",
+            schedule_choices(preset.sampler, sampler_table), value=preset.schedule, label="Schedule type",
             allow_custom_value=True, elem_id=f"{tab}_schedule"))
     reg.add(f"{tab}.steps", gr.Slider(1, 150, value=preset.steps, step=1, label="Sampling steps",
                                       elem_id=f"{tab}_steps"))
@@ -77,10 +79,15 @@ def results_panel(reg: ComponentRegistry, tab: str, send_buttons: dict[str, str]
     reg.add(f"{tab}.selected", gr.State(0))
 
 
-def wire_form(reg: ComponentRegistry, tab: str) -> None:
+def wire_form(reg: ComponentRegistry, tab: str, sampler_table: samplers.SamplerTable | None = None) -> None:
     """Events inside one tab that never touch the device: all private, none queued."""
     private = dict(api_visibility="private", queue=False)
-    reg[f"{tab}.sampler"].change(_schedule_update, inputs=[reg[f"{tab}.sampler"], reg[f"{tab}.schedule"]],
+
+    def schedule_update(sampler: str, schedule: str):
+        choices = schedule_choices(sampler, sampler_table)
+        return gr.update(choices=choices, value=schedule if schedule in choices else choices[0])
+
+    reg[f"{tab}.sampler"].change(schedule_update, inputs=[reg[f"{tab}.sampler"], reg[f"{tab}.schedule"]],
                                  outputs=[reg[f"{tab}.schedule"]], **private)
     reg[f"{tab}.dice"].click(lambda: -1, outputs=[reg[f"{tab}.seed"]], **private)
     reg[f"{tab}.recycle"].click(_last_seed, inputs=[reg[f"{tab}.generation_info"], reg[f"{tab}.selected"],
@@ -93,16 +100,11 @@ def wire_form(reg: ComponentRegistry, tab: str) -> None:
                                  outputs=[reg[f"{tab}.infotext"], reg[f"{tab}.selected"]], **private)
 
 
-def schedule_choices(sampler: str) -> list[str]:
+def schedule_choices(sampler: str, sampler_table: samplers.SamplerTable | None = None) -> list[str]:
     try:
-        return samplers.schedules_for(sampler)
+        return samplers.schedules_for(sampler, sampler_table)
     except ValueError:
         return samplers.schedule_labels()
-
-
-def _schedule_update(sampler: str, schedule: str):
-    choices = schedule_choices(sampler)
-    return gr.update(choices=choices, value=schedule if schedule in choices else choices[0])
 
 
 def _last_seed(info: Any, selected: int | None, current: Any):

@@ -33,7 +33,7 @@ def build(ctx: AppContext, reg: ComponentRegistry, tab: str) -> None:
         with gr.Row():
             reg.add(p + "hr_checkpoint", gr.Dropdown([hires.SAME_CHECKPOINT] + checkpoints, value=hires.SAME_CHECKPOINT,
                                                      label="Hires checkpoint", allow_custom_value=True))
-            reg.add(p + "hr_sampler", gr.Dropdown([hires.SAME_SAMPLER] + samplers.sampler_names(),
+            reg.add(p + "hr_sampler", gr.Dropdown([hires.SAME_SAMPLER] + samplers.sampler_names(ctx.additions.samplers),
                                                   value=hires.SAME_SAMPLER, label="Hires sampling method"))
         reg.add(p + "hr_prompt", gr.Textbox("", label="Hires prompt (empty: same)", lines=2))
         reg.add(p + "hr_negative_prompt", gr.Textbox("", label="Hires negative prompt (empty: same)", lines=2))

@@ -31,14 +31,14 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
                 reg.add(f"{TAB}.resize_mode", gr.Radio(
                     [(mode.capitalize(), mode) for mode in RESIZE_MODES], value=RESIZE_MODES[0],
                     label="Resize mode", elem_id="img2img_resize_mode"))
-                forms.sampling_controls(reg, TAB, preset)
+                forms.sampling_controls(reg, TAB, preset, ctx.additions.samplers)
                 reg.add(f"{TAB}.denoising_strength", gr.Slider(
                     0, 1, value=0.75, step=0.01, label="Denoising strength", elem_id="img2img_denoising_strength"))
                 extension_accordions(ctx, reg, TAB)
                 control_tab.build(ctx, reg, TAB)
             with gr.Column(scale=1):
                 forms.results_panel(reg, TAB, {})
-    forms.wire_form(reg, TAB)
+    forms.wire_form(reg, TAB, ctx.additions.samplers)
     prompt_tools.wire(ctx, reg, TAB)
     _wire_generate(ctx, reg)
 
@@ -106,7 +106,7 @@ def _wire_generate(ctx: AppContext, reg: ComponentRegistry) -> None:
         """
         values.update(init_image=init_image, inpaint_image=inpaint_image, mask=mask)
         try:
-            generation = img2img_request(values)
+            generation = img2img_request(values, ctx.additions)
         except ValueError as exc:
             raise user_error(exc) from exc
         yield from stream_job(ctx.jobs, generation, owner_of(request), progress)

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
+from pipelines.additions import EngineAdditions
 from pipelines.request import GenerationRequest
 from ui.control_form import units_from_form
 
@@ -26,8 +27,9 @@ IMG2IMG_MODES = ("img2img", "inpaint")
 INPAINT_AREAS = ("Whole picture", "Only masked")
 
 
-def txt2img_request(values: Mapping[str, Any]) -> GenerationRequest:
-    return GenerationRequest(task="txt2img", **_common(values), **hires_values(values))
+def txt2img_request(values: Mapping[str, Any], additions: EngineAdditions | None = None) -> GenerationRequest:
+    """`additions`: the app's extension samplers/preprocessors (`ctx.additions`)."""
+    return GenerationRequest(task="txt2img", **_common(values), **hires_values(values), additions=additions)
 
 
 def hires_values(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -49,7 +51,7 @@ def hires_values(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def img2img_request(values: Mapping[str, Any]) -> GenerationRequest:
+def img2img_request(values: Mapping[str, Any], additions: EngineAdditions | None = None) -> GenerationRequest:
     mode = values.get("mode") or "img2img"
     if mode not in IMG2IMG_MODES:
         raise ValueError(f"mode must be one of {', '.join(IMG2IMG_MODES)}, got '{mode}'")
@@ -72,7 +74,7 @@ def img2img_request(values: Mapping[str, Any]) -> GenerationRequest:
         inpaint_full_res=area == "Only masked",
         inpaint_full_res_padding=_number(values, "inpaint_full_res_padding", int, 32),
         inpainting_mask_invert=bool(values.get("inpainting_mask_invert")),
-        **_common(values))
+        additions=additions, **_common(values))
 
 
 def split_editor_value(value: Any) -> tuple[Image.Image | None, Image.Image | None]:

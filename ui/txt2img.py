@@ -24,13 +24,13 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         prompt_tools.build(ctx, reg, TAB)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                forms.sampling_controls(reg, TAB, preset)
+                forms.sampling_controls(reg, TAB, preset, ctx.additions.samplers)
                 hires_controls.build(ctx, reg, TAB)
                 extension_accordions(ctx, reg, TAB)
                 control_tab.build(ctx, reg, TAB)
             with gr.Column(scale=1):
                 forms.results_panel(reg, TAB, {"send_to_img2img": "Send to img2img"})
-    forms.wire_form(reg, TAB)
+    forms.wire_form(reg, TAB, ctx.additions.samplers)
     prompt_tools.wire(ctx, reg, TAB)
 
     def txt2img(request: gr.Request, progress=gr.Progress(), **values: Any) -> Iterator[tuple]:
@@ -49,7 +49,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         request, the seeds, the infotexts and the saved paths.
         """
         try:
-            generation = txt2img_request(values)
+            generation = txt2img_request(values, ctx.additions)
         except ValueError as exc:
             raise user_error(exc) from exc
         yield from stream_job(ctx.jobs, generation, owner_of(request), progress)
