@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tools.tinyworld import world
-from tools.tinyworld.finetune import EpsilonLoss, load_base_pipeline, load_latents
+from tools.tinyworld.finetune import load_base_pipeline, load_latents
+from tools.tinyworld.objective import DiffusionLoss
 from tools.tinyworld.train import REPO_ROOT, load_data, log, tokenize
 
 CONTROLNET_NAME = "tw-canny"
@@ -78,7 +78,7 @@ def stage_controlnet(run_dir: Path, base: Path, output_dir: Path, seed: int, ste
 
     params = [p for p in controlnet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    loss_fn = EpsilonLoss()
+    loss_fn = DiffusionLoss()
     generator = torch.Generator().manual_seed(seed + 5 + (1000 if resume else 0))
     scale = vae.config.scaling_factor
     label_tensor = torch.from_numpy(labels)
@@ -100,7 +100,7 @@ def stage_controlnet(run_dir: Path, base: Path, output_dir: Path, seed: int, ste
         down, mid = controlnet(noisy, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
         prediction = unet(noisy, t, encoder_hidden_states=context, down_block_additional_residuals=down,
                           mid_block_additional_residual=mid).sample
-        loss = (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3)) * loss_fn.weight[t]).mean()
+        loss = loss_fn.score(prediction, z, noise, t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,5 +1,5 @@
 """What every adapter stage (vae2, ti, lora, controlnet) shares: the shipped base model, the
-cached latents, and one epsilon-prediction training step.
+cached latents, and the base's diffusion loss (tools/tinyworld/objective.py).
 
 Adapters are trained on top of the *shipped* checkpoint (the fp16 single file, read in fp32),
 because that is the model users apply them to.
@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tools.tinyworld import world
-from tools.tinyworld.train import CONFIG_DIR, REPO_ROOT, load_data, make_scheduler
+from tools.tinyworld.train import CONFIG_DIR, REPO_ROOT, load_data
 
 BASE_CHECKPOINT = REPO_ROOT / "assets" / "tinyworld" / "tinyworld.safetensors"
 
@@ -65,21 +64,3 @@ def encode_images(vae, images: np.ndarray, batch: int = 250) -> tuple[torch.Tens
         means.append(dist.mean)
         stds.append(dist.std)
     return torch.cat(means), torch.cat(stds)
-
-
-class EpsilonLoss:
-    """min-SNR-5 weighted epsilon loss on the bundled training schedule (the base's objective)."""
-
-    def __init__(self) -> None:
-        self.scheduler = make_scheduler("ddpm")
-        alphas = self.scheduler.alphas_cumprod
-        snr = alphas / (1 - alphas)
-        self.weight = torch.clamp(snr, max=5.0) / snr
-
-    def __call__(self, unet, z: torch.Tensor, context: torch.Tensor, generator: torch.Generator, **unet_kwargs):
-        noise = torch.randn(z.shape, generator=generator)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(z),), generator=generator)
-        prediction = unet(self.scheduler.add_noise(z, noise, t), t, encoder_hidden_states=context,
-                          **unet_kwargs).sample
-        return (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3)) * self.weight[t]).mean()
-

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from tools.tinyworld import world
-from tools.tinyworld.finetune import EpsilonLoss, encode_images, load_base_pipeline
+from tools.tinyworld.finetune import encode_images, load_base_pipeline
+from tools.tinyworld.objective import DiffusionLoss
 from tools.tinyworld.train import load_data, log, tokenize
 
 LORA_NAME = "tw-stripes"
@@ -90,7 +91,7 @@ def stage_lora(run_dir: Path, base: Path, output_dir: Path, seed: int, steps: in
             if "lora_" in name:
                 params.append(param)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    loss_fn = EpsilonLoss()
+    loss_fn = DiffusionLoss()
     generator = torch.Generator().manual_seed(seed + 4)
     scale = vae.config.scaling_factor
     deadline = time.time() + minutes * 60

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tools.tinyworld.finetune import EpsilonLoss, load_base_pipeline, load_latents
+from tools.tinyworld.finetune import load_base_pipeline, load_latents
+from tools.tinyworld.objective import DiffusionLoss
 from tools.tinyworld.train import log, tokenize
 
 EMBEDDING_NAME = "tw-green-square"
@@ -54,7 +55,7 @@ def stage_ti(run_dir: Path, base: Path, output_dir: Path, seed: int, steps: int,
     log(run_dir, f"ti: {len(picks)} green-square images")
 
     optimizer = torch.optim.AdamW([table], lr=lr, weight_decay=0.0)
-    loss_fn = EpsilonLoss()
+    loss_fn = DiffusionLoss()
     generator = torch.Generator().manual_seed(seed + 3)
     scale = vae.config.scaling_factor
     deadline = time.time() + minutes * 60

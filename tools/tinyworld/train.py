@@ -1,19 +1,18 @@
 """Train the tiny-world model family: `python -m tools.tinyworld.train --run-dir tools/tinyworld/runs/main`.
 
-Stages (run all, or one with --stage): data -> vae -> latents -> unet -> export, then the
-adapters trained on the exported checkpoint: vae2 (warm VAE), ti (embedding), lora (stripes),
-controlnet (canny).
+Stages (run all, or one with --stage): data -> vae -> latents -> text -> unet -> export, then
+the adapters trained on the exported checkpoint: vae2 (warm VAE), ti (embedding), lora
+(stripes), controlnet (canny).
 Every stage is seeded and reads what the previous stage wrote to the run folder, so a stage can
 be rerun alone. Never run by CI; CI uses the committed files in assets/tinyworld/.
 
 Design choices that make text adherence learnable on a 2-core CPU (see the feasibility note):
-- The text encoder is a real CLIPTextModel (real CLIP vocabulary) built, not trained: the
-  world's words get orthogonal token embeddings in one half of the hidden space and the first
-  positions get orthogonal position embeddings in the other half, and the transformer layers are
-  damped to near-identity. Each output position then says plainly "word w at position i", so
-  the UNet's cross-attention only has to learn where to look. It then trains with the UNet, so
-  it can still learn routing the construction does not give (e.g. into padding positions).
-- Latents are cached once; the UNet trains with min-SNR weighting and EMA weights, and the
+- The text encoder is a real CLIPTextModel (real CLIP vocabulary) trained first, alone, to write
+  each caption's meaning (foreground colour, shape, background colour in separate subspaces)
+  into every position after the caption, then frozen (tools/tinyworld/text_encoder.py): the
+  UNet's cross-attention gets the meaning even before it has learnt where to look.
+- The UNet predicts v (tools/tinyworld/objective.py says why) with min-SNR weighting and EMA
+  weights; latents are cached once, and the
   ground-truth classifier scores short sampling runs every few hundred steps.
 """
 from __future__ import annotations
@@ -30,12 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from tools.tinyworld import world
+from tools.tinyworld.objective import DiffusionLoss, make_scheduler
+from tools.tinyworld.text_encoder import tokenize
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "pipelines" / "configs" / "tinyworld"
-STAGES = ("data", "vae", "latents", "unet", "export", "vae2", "ti", "lora", "controlnet")
+STAGES = ("data", "vae", "latents", "text", "unet", "export", "vae2", "ti", "lora", "controlnet")
 ASSETS_DIR = REPO_ROOT / "assets" / "tinyworld"
-MAX_TOKENS = 77
 
 
 def log(run_dir: Path, message: str) -> None:
@@ -172,64 +172,19 @@ def load_clip_tokenizer(tokenizer_dir: Path | None = None):
     return load_tokenizer()
 
 
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
-
-
-def build_text_encoder(tokenizer, seed: int):
-    """A CLIPTextModel whose outputs make (word, position) linearly readable; see module docstring."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def stage_text(run_dir: Path, seed: int, steps: int, lr: float, tokenizer_dir: Path | None) -> None:
+    """Teach the text encoder the captions' meaning (tools/tinyworld/text_encoder.py says why)."""
+    from tools.tinyworld.text_encoder import meaning_accuracy, train_text_encoder
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder")
-    model = CLIPTextModel(config).eval()
-    hidden = config.hidden_size
-    half = hidden // 2
-    words = list(world.VOCABULARY)
-    ids = []
-    for word in words:
-        word_ids = tokenizer(word, add_special_tokens=False).input_ids
-        if len(word_ids) != 1:
-            raise ValueError(f"tiny-world word {word!r} is not one CLIP token ({word_ids})")
-        ids.append(word_ids[0])
-    ids += [tokenizer.bos_token_id, tokenizer.eos_token_id]
-    if len(ids) > half:
-        raise ValueError(f"{len(ids)} words do not fit in {half} orthogonal directions; widen the text encoder")
-    generator = torch.Generator().manual_seed(seed)
-    word_basis = torch.linalg.qr(torch.randn(half, half, generator=generator))[0]
-    position_basis = torch.linalg.qr(torch.randn(half, half, generator=generator))[0]
-    scale = math.sqrt(half)
-    with torch.no_grad():
-        core = getattr(model, "text_model", model)  # transformers 5 flattened the wrapper away
-        embeddings = core.embeddings
-        token = embeddings.token_embedding.weight
-        position = embeddings.position_embedding.weight
-        token[:, half:] = 0.0
-        for row, token_id in enumerate(ids):
-            token[token_id] = 0.0
-            token[token_id, :half] = word_basis[row] * scale
-        position.zero_()
-        n_pos = position.shape[0]
-        position[: min(half, n_pos), half:] = position_basis[: min(half, n_pos)] * scale
-        if n_pos > half:  # later positions only ever hold padding: share the last direction
-            position[half:, half:] = position_basis[half - 1] * scale
-        for layer in core.encoder.layers:
-            layer.self_attn.out_proj.weight.mul_(0.05)
-            layer.self_attn.out_proj.bias.zero_()
-            layer.mlp.fc2.weight.mul_(0.05)
-            layer.mlp.fc2.bias.zero_()
-    return model
+    tokenizer = load_clip_tokenizer(tokenizer_dir)
+    model, space = train_text_encoder(tokenizer, CONFIG_DIR / "text_encoder", seed, steps=steps, lr=lr,
+                                      log=lambda message: log(run_dir, message))
+    model.save_pretrained(run_dir / "text_encoder")
+    log(run_dir, f"text encoder done: meaning read from the mean output {meaning_accuracy(model, tokenizer, space)}")
 
 
 # ----------------------------------------------------------------------------- UNet
-
-
-def make_scheduler(kind: str = "ddpm"):
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    config = DDPMScheduler.load_config(CONFIG_DIR / "scheduler")
-    cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
-    return cls.from_config(config)
 
 
 def held_out_pairs(n: int, seed: int = 20261122) -> list[tuple[tuple[str, str, str], int]]:
@@ -249,8 +204,8 @@ def sample(unet, vae, embeddings: torch.Tensor, uncond: torch.Tensor, seeds: lis
     ).to(device)
     context = torch.cat([uncond.expand(len(seeds), -1, -1), embeddings]).to(device)
     for t in scheduler.timesteps:
-        eps_uncond, eps_text = unet(torch.cat([latents, latents]), t, encoder_hidden_states=context).sample.chunk(2)
-        latents = scheduler.step(eps_uncond + cfg * (eps_text - eps_uncond), t, latents).prev_sample
+        uncond, text = unet(torch.cat([latents, latents]), t, encoder_hidden_states=context).sample.chunk(2)
+        latents = scheduler.step(uncond + cfg * (text - uncond), t, latents).prev_sample
     return tensor_to_images(vae.decode(latents / vae.config.scaling_factor).sample)
 
 
@@ -277,40 +232,40 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 10) -> None:
 
 def stage_unet(run_dir: Path, device: str, seed: int, steps: int, batch: int, lr: float, eval_every: int,
                eval_pairs: int, eval_steps: int, minutes: float, resume: bool, tokenizer_dir: Path | None) -> None:
-    """UNet and text encoder together; the text encoder starts from `build_text_encoder`."""
+    """The UNet, conditioned by the frozen text encoder of `--stage text` (its outputs for the 90
+    captions and the empty prompt are computed once: a table of contexts)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = load_clip_tokenizer(tokenizer_dir)
-    text_encoder = build_text_encoder(tokenizer, seed).to(device).train()
+    text_encoder = CLIPTextModel.from_pretrained(run_dir / "text_encoder").eval()
     prompts = [world.caption(*combo) for combo in world.all_combinations()] + [""]
-    prompt_ids = tokenize(tokenizer, prompts).to(device)
+    with torch.no_grad():
+        table = text_encoder(tokenize(tokenizer, prompts)).last_hidden_state.to(device)
     vae = AutoencoderKL.from_pretrained(run_dir / "vae").to(device).eval()
     cached = torch.load(run_dir / "latents.pt")
     latent_mean, latent_std = cached["mean"].float(), cached["std"].float()
     _, labels = load_data(run_dir)
     labels = torch.from_numpy(labels)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR / "unet")).to(device)
-    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
-    ema = copy.deepcopy(models).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(models.parameters(), lr=lr, weight_decay=0.01)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR / "unet")).to(device).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     state_path = run_dir / "unet_state.pt"
     start_step = 0
     best = {"score": -1.0}
     generator = torch.Generator().manual_seed(seed + 1)
     if resume and state_path.exists():
         state = torch.load(state_path)
-        models.load_state_dict(state["models"])
+        unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, best = state["step"], state["best"]
         generator.set_state(state["rng"])
         log(run_dir, f"unet: resumed at step {start_step}")
     log(run_dir, f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, batch {batch}, lr {lr}")
-    scheduler = make_scheduler("ddpm")
-    alphas = scheduler.alphas_cumprod.to(device)
-    snr = alphas / (1 - alphas)
-    loss_weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
+    objective = DiffusionLoss(device)
+    scheduler = objective.scheduler
     scale = vae.config.scaling_factor
     pairs = held_out_pairs(eval_pairs)
     deadline = time.time() + minutes * 60
@@ -327,35 +282,30 @@ def stage_unet(run_dir: Path, device: str, seed: int, steps: int, batch: int, lr
         noise = torch.randn(z.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
         z, noise, t = z.to(device), noise.to(device), t.to(device)
-        context = text_encoder(prompt_ids[caption.to(device)]).last_hidden_state
-        prediction = unet(scheduler.add_noise(z, noise, t), t, encoder_hidden_states=context).sample
-        loss = (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3)) * loss_weight[t]).mean()
+        prediction = unet(scheduler.add_noise(z, noise, t), t, encoder_hidden_states=table[caption.to(device)]).sample
+        loss = objective.score(prediction, z, noise, t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         decay = min(0.995, (1 + step) / (10 + step))
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), models.parameters()):
+            for p_ema, p in zip(ema.parameters(), unet.parameters()):
                 p_ema.lerp_(p, 1 - decay)
         if step % 10 == 0 or step == start_step + 1:
             log(run_dir, f"unet step {step}/{steps} loss {loss.item():.4f} {time.time() - start:.0f}s")
         if step % eval_every == 0 or step == steps or time.time() >= deadline:
-            with torch.no_grad():
-                table = ema["text_encoder"](prompt_ids).last_hidden_state
-            scores, images = evaluate_unet(ema["unet"], vae, table, pairs, device, steps=eval_steps)
+            scores, images = evaluate_unet(ema, vae, table, pairs, device, steps=eval_steps)
             total = scores["bg"] + scores["fg"] + scores["shape"]
             log(run_dir, f"eval step {step}: {scores}")
             save_grid(images, run_dir / f"samples_{step:06d}.png")
             if total > best["score"]:
                 best = {"score": total, "step": step, **scores}
-                ema["unet"].save_pretrained(run_dir / "unet_best")
-                ema["text_encoder"].save_pretrained(run_dir / "text_encoder_best")
+                ema.save_pretrained(run_dir / "unet_best")
                 log(run_dir, f"new best at step {step}")
-            ema["unet"].save_pretrained(run_dir / "unet_last")
-            ema["text_encoder"].save_pretrained(run_dir / "text_encoder_last")
+            ema.save_pretrained(run_dir / "unet_last")
             torch.save(
-                {"models": models.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                  "step": step, "best": best, "rng": generator.get_state()},
                 state_path,
             )
@@ -375,7 +325,7 @@ def stage_export(run_dir: Path, output: Path, which: str) -> None:
 
     unet = UNet2DConditionModel.from_pretrained(run_dir / f"unet_{which}")
     vae = AutoencoderKL.from_pretrained(run_dir / "vae")
-    text_encoder = CLIPTextModel.from_pretrained(run_dir / f"text_encoder_{which}")
+    text_encoder = CLIPTextModel.from_pretrained(run_dir / "text_encoder")
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in pipeline_to_ldm(unet, vae, text_encoder).items()}
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").exists() else {}
     metadata = {
@@ -441,6 +391,8 @@ def parse_args(argv=None):
     parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-6)
     parser.add_argument("--vae-crop", type=int, default=32)
+    parser.add_argument("--text-steps", type=int, default=1500)
+    parser.add_argument("--text-lr", type=float, default=5e-3)
     parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
@@ -483,6 +435,8 @@ def main(argv=None) -> None:
                       args.vae_crop, args.resume)
         elif stage == "latents":
             stage_latents(args.run_dir, args.device)
+        elif stage == "text":
+            stage_text(args.run_dir, args.seed, args.text_steps, args.text_lr, args.tokenizer_dir)
         elif stage == "unet":
             stage_unet(args.run_dir, args.device, args.seed, args.unet_steps, args.unet_batch, args.unet_lr,
                        args.eval_every, args.eval_pairs, args.eval_steps, args.unet_minutes, args.resume,
