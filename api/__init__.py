@@ -22,7 +22,7 @@ def mount(app: Any, ctx: Any, verify: Optional[Callable[[str, str], bool]]) -> N
 
     authenticate = dependency(verify)
     options = ApiOptions(ctx.registry, ctx.settings.config_file, checkpoint_loader(ctx.manager))
-    router = build_router(ctx, options, authenticate)
+    router = build_router(ctx, options, authenticate, verify)
     app.include_router(router)
     routers = [router]
     if scripts.controlnet_available(mapping.request_fields()):

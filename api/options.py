@@ -114,14 +114,25 @@ class ApiOptions:
             resolved[CLIP_SKIP] = clip_skip
         return resolved
 
+    def pending(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """What `apply(changes)` would change (validated; {} when the values are the current
+        ones, as when a client posts the whole options dict back)."""
+        resolved = self.resolve(changes)
+        with self._lock:
+            return self._changed(resolved)
+
+    def _changed(self, resolved: Mapping[str, Any]) -> dict[str, Any]:
+        current_checkpoint = self._current_checkpoint_name()
+        return {k: v for k, v in resolved.items()
+                if v != (current_checkpoint if k == CHECKPOINT else self._values[k])}
+
     def apply(self, changes: Mapping[str, Any], load: bool = True) -> None:
         """Set what changed; a new checkpoint or VAE is loaded first (A1111 loads inside the
         POST), and a load failure leaves the options as they were."""
         resolved = self.resolve(changes)
         with self._lock:
             current_checkpoint = self._current_checkpoint_name()
-            changed = {k: v for k, v in resolved.items()
-                       if v != (current_checkpoint if k == CHECKPOINT else self._values[k])}
+            changed = self._changed(resolved)
             if not changed:
                 return
             if load and (CHECKPOINT in changed or VAE in changed):

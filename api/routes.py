@@ -13,23 +13,24 @@ from api.models import (EmbeddingsResponse, HypernetworkItem, Img2ImgRequest, Im
                         LatentUpscalerModeItem, LoraItem, PNGInfoRequest, PNGInfoResponse,
                         ProgressResponse, PromptStyleItem, SamplerItem, SchedulerItem, ScriptsList,
                         SDModelItem, SDVaeItem, Txt2ImgRequest, UpscalerItem)
+from api.admin import add_routes as add_admin_routes, admin_gate, may_change_shared
 from api.auth import owner
 from api.errors import JSONErrorRoute
 from api.options import ApiOptions
 from api.progress import ProgressTracker
-from pipelines.additions import NO_ADDITIONS
 from pipelines.metadata import parse_infotext, read_infotext, read_other_metadata
 from pipelines.request import GenerationRequest
 
 PREFIX = "/sdapi/v1"
 
 
-def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
+def build_router(ctx: Any, options: ApiOptions, authenticate, verify: Any = None) -> APIRouter:
+    """`verify`: the login check (an Authenticator: who is an admin); None when the API is open."""
     router = APIRouter(prefix=PREFIX, route_class=JSONErrorRoute, dependencies=[Depends(authenticate)],
                        tags=["sdapi"])
     tracker = ProgressTracker()
+    require_admin = admin_gate(verify)  # api/admin.py: with logins, shared state is for admins
     limits = ImageLimits.from_settings(ctx.settings, allow_urls=options.allow_urls)
-    additions = getattr(ctx, "additions", None) or NO_ADDITIONS  # the extensions' samplers
 
     def run(request: GenerationRequest, user: str):
         job = ctx.jobs.submit(request, owner(user))
@@ -39,8 +40,11 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
             if not job.finished:
                 job.cancel()
 
-    def keep_overrides(payload) -> None:
-        if payload.override_settings and not payload.override_settings_restore_afterwards:
+    def keep_overrides(payload, user) -> None:
+        # Kept as the API-wide default only by those who may change shared state (admins when
+        # there are logins); for anyone else the override applied to their own request alone.
+        if payload.override_settings and not payload.override_settings_restore_afterwards \
+                and may_change_shared(verify, user):
             options.apply(payload.override_settings, load=False)
 
     # --- generation --------------------------------------------------------------------------
@@ -48,17 +52,17 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
     @router.post("/txt2img", response_model=ImageResponse)
     def txt2img(payload: Txt2ImgRequest, user: Optional[str] = Depends(authenticate)):
         payload = mapping.with_infotext(payload)
-        request = mapping.txt2img_request(payload, options, limits, additions)
+        request = mapping.txt2img_request(payload, options, limits)
         result = run(request, user)
-        keep_overrides(payload)
+        keep_overrides(payload, user)
         return mapping.response(payload, request, result)
 
     @router.post("/img2img", response_model=ImageResponse)
     def img2img(payload: Img2ImgRequest, user: Optional[str] = Depends(authenticate)):
         payload = mapping.with_infotext(payload)
-        request = mapping.img2img_request(payload, options, limits, additions)
+        request = mapping.img2img_request(payload, options, limits)
         result = run(request, user)
-        keep_overrides(payload)
+        keep_overrides(payload, user)
         return mapping.response(payload, request, result)
 
     @router.post("/png-info", response_model=PNGInfoResponse)
@@ -94,7 +98,9 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
         return options.as_dict()
 
     @router.post("/options")
-    def set_options(changes: dict[str, Any] = Body(...)) -> None:
+    def set_options(changes: dict[str, Any] = Body(...), user: Optional[str] = Depends(authenticate)) -> None:
+        if options.pending(changes):  # posting the current values back (Open WebUI) is fine for anyone
+            require_admin(user, "change the API's default checkpoint, VAE or clip skip")
         options.apply(changes)
         return None
 
@@ -129,19 +135,21 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
             return None
 
     @router.post("/unload-checkpoint")
-    def unload_checkpoint() -> None:
+    def unload_checkpoint(user: Optional[str] = Depends(authenticate)) -> None:
+        require_admin(user, "unload the checkpoint")
         ctx.manager.unload()
         return None
 
     @router.post("/reload-checkpoint")
-    def reload_checkpoint() -> None:
+    def reload_checkpoint(user: Optional[str] = Depends(authenticate)) -> None:
+        require_admin(user, "reload the checkpoint")
         with ctx.manager.pipeline("txt2img", options.checkpoint().name, options.vae):
             pass
         return None
 
     @router.get("/samplers", response_model=list[SamplerItem])
     def samplers_list():
-        return listings.sampler_list(additions.samplers)
+        return listings.sampler_list()
 
     @router.get("/schedulers", response_model=list[SchedulerItem])
     def schedulers_list():
@@ -176,6 +184,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate) -> APIRouter:
         return scripts.script_info(mapping.request_fields())
 
     extension_routes.add_routes(router, ctx, authenticate)
+    add_admin_routes(router, ctx, authenticate, verify)  # /cancel-all, /history
 
     @router.get("/memory")
     def memory() -> dict[str, Any]:

@@ -102,3 +102,81 @@ def test_served_paths_allow_the_outputs_only_and_block_the_private_files(tmp_pat
     assert allowed == [str((tmp_path / "outputs").resolve())]
     for private in ("models", "embeddings", "config.json", "cache.json", "extensions", "history.json", "users.txt"):
         assert str((tmp_path / private).resolve()) in blocked
+
+
+# --- REST: with logins, what everyone shares is for admins -------------------------------------
+
+from tests.unit.test_api import ctx  # noqa: E402,F401 - the REST tests' registry and fake engine (a fixture)
+
+def _rest(ctx, logins):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    import api
+
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    api.mount(app, ctx, access.Authenticator(access.load_users(logins, None)) if logins else None)
+    return TestClient(app)
+
+
+def test_rest_options_load_and_unload_are_admin_only_when_there_are_logins(ctx):
+    client = _rest(ctx, "@root:rp,guest:gp")
+    guest, root = ("guest", "gp"), ("root", "rp")
+    options = client.get("/sdapi/v1/options", auth=guest).json()
+    assert client.post("/sdapi/v1/options", json=options, auth=guest).status_code == 200  # no change: fine
+    refused = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sub/other.safetensors"}, auth=guest)
+    assert refused.status_code == 403
+    assert refused.json()["detail"] == ("only admins (marked @name in the auth file) can change the API's default "
+                                        "checkpoint, VAE or clip skip: it changes the server for every user")
+    for path in ("/sdapi/v1/unload-checkpoint", "/sdapi/v1/reload-checkpoint"):
+        assert client.post(path, auth=guest).status_code == 403
+    assert ctx.manager.loads == [] and ctx.manager.unloads == 0
+    assert client.get("/sdapi/v1/options", auth=guest).json() == options
+
+    # A guest's override_settings apply to their request only, even when asked to keep them.
+    body = {"width": 64, "height": 64, "override_settings": {"sd_model_checkpoint": "sub/other.safetensors"},
+            "override_settings_restore_afterwards": False}
+    assert client.post("/sdapi/v1/txt2img", json=body, auth=guest).status_code == 200
+    assert ctx.jobs.submitted[-1] == ("user:guest", ctx.jobs.submitted[-1][1])
+    assert ctx.jobs.submitted[-1][1].checkpoint == "sub/other.safetensors"
+    assert client.get("/sdapi/v1/options", auth=guest).json()["sd_model_checkpoint"] == "sd15.safetensors"
+
+    # The admin may do all of it.
+    assert client.post("/sdapi/v1/txt2img", json=body, auth=root).status_code == 200
+    assert client.get("/sdapi/v1/options", auth=root).json()["sd_model_checkpoint"] == "sub/other.safetensors"
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd15"}, auth=root).status_code == 200
+    assert client.post("/sdapi/v1/unload-checkpoint", auth=root).status_code == 200 and ctx.manager.unloads == 1
+    assert client.post("/sdapi/v1/reload-checkpoint", auth=root).status_code == 200
+    assert ctx.manager.loads == [("sd15.safetensors", "Automatic")] * 2
+
+    # Without logins there is one local user, who may (A1111's behaviour).
+    open_client = _rest(ctx, None)
+    assert open_client.post("/sdapi/v1/unload-checkpoint").status_code == 200 and ctx.manager.unloads == 2
+
+
+def test_rest_cancel_all_is_for_admins_and_history_lists_ones_own_images(ctx, tmp_path):
+    from datetime import date
+
+    from PIL import Image
+
+    from pipelines.history import HistoryIndex
+    from pipelines.outputs import OutputStore
+
+    cancelled = []
+    ctx.jobs.cancel_all = lambda: cancelled.append("all") or 3
+    outputs = tmp_path / "data" / "outputs"
+    ctx.outputs = OutputStore(outputs, today=lambda: date(2024, 7, 27),
+                              history=HistoryIndex(tmp_path / "data" / "history.json", outputs))
+    made = {owner: ctx.outputs.save(Image.new("RGB", (8, 8)), category="txt2img-images", seed=seed,
+                                    infotext=f"{owner} picture\nSteps: 1, Seed: {seed}, Size: 8x8", owner=owner)
+            for seed, owner in enumerate(("user:guest", "user:root", "session:x"))}
+    client = _rest(ctx, "@root:rp,guest:gp")
+    refused = client.post("/sdapi/v1/cancel-all", auth=("guest", "gp"))
+    assert refused.status_code == 403 and "cancel other users' jobs" in refused.json()["detail"] and not cancelled
+    assert client.post("/sdapi/v1/cancel-all", auth=("root", "rp")).json() == {"cancelled": 3}
+    assert _rest(ctx, None).post("/sdapi/v1/cancel-all").status_code == 403  # no logins: no admins
+    (mine,) = client.get("/sdapi/v1/history", auth=("guest", "gp")).json()["entries"]
+    assert mine["file"] == str(made["user:guest"]) and mine["prompt"] == "user:guest picture"
+    assert mine["owner"] == "user:guest" and mine["params"]["Seed"] == "0"
+    everyone = _rest(ctx, None).get("/sdapi/v1/history").json()["entries"]
+    assert sorted(e["file"] for e in everyone) == sorted(str(p) for p in made.values())

@@ -370,7 +370,7 @@ def test_every_route_needs_the_credentials(ctx):
     client = make_client(ctx, [AUTH])
     schema = client.get("/openapi.json", auth=AUTH).json()
     routes = [(method.upper(), path) for path, ops in schema["paths"].items() for method in ops]
-    assert len(routes) == 44  # 33 + 5 extension routes + 6 ControlNet; a missing route would answer 404, not 401
+    assert len(routes) == 46  # 35 (/cancel-all, /history: api/admin.py) + 5 extension routes + 6 ControlNet; a missing route would answer 404, not 401
     routes += [("GET", "/openapi.json"), ("GET", "/docs")]
     for method, path in routes:
         for headers in ({}, {"Authorization": ""}, {"Authorization": "Basic " + base64.b64encode(b"alice:wrong").decode()},
