@@ -18,6 +18,7 @@ from api.auth import owner
 from api.errors import JSONErrorRoute
 from api.options import ApiOptions
 from api.progress import ProgressTracker
+from pipelines.additions import NO_ADDITIONS
 from pipelines.metadata import parse_infotext, read_infotext, read_other_metadata
 from pipelines.request import GenerationRequest
 
@@ -31,6 +32,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate, verify: Any = None
     tracker = ProgressTracker()
     require_admin = admin_gate(verify)  # api/admin.py: with logins, shared state is for admins
     limits = ImageLimits.from_settings(ctx.settings, allow_urls=options.allow_urls)
+    additions = getattr(ctx, "additions", None) or NO_ADDITIONS  # the extensions' samplers
 
     def run(request: GenerationRequest, user: str):
         job = ctx.jobs.submit(request, owner(user))
@@ -52,7 +54,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate, verify: Any = None
     @router.post("/txt2img", response_model=ImageResponse)
     def txt2img(payload: Txt2ImgRequest, user: Optional[str] = Depends(authenticate)):
         payload = mapping.with_infotext(payload)
-        request = mapping.txt2img_request(payload, options, limits)
+        request = mapping.txt2img_request(payload, options, limits, additions)
         result = run(request, user)
         keep_overrides(payload, user)
         return mapping.response(payload, request, result)
@@ -60,7 +62,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate, verify: Any = None
     @router.post("/img2img", response_model=ImageResponse)
     def img2img(payload: Img2ImgRequest, user: Optional[str] = Depends(authenticate)):
         payload = mapping.with_infotext(payload)
-        request = mapping.img2img_request(payload, options, limits)
+        request = mapping.img2img_request(payload, options, limits, additions)
         result = run(request, user)
         keep_overrides(payload, user)
         return mapping.response(payload, request, result)
@@ -149,7 +151,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate, verify: Any = None
 
     @router.get("/samplers", response_model=list[SamplerItem])
     def samplers_list():
-        return listings.sampler_list()
+        return listings.sampler_list(additions.samplers)
 
     @router.get("/schedulers", response_model=list[SchedulerItem])
     def schedulers_list():
