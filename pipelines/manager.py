@@ -24,6 +24,7 @@ from pipelines.loading import LoadedCheckpoint, ModelLoadError
 from pipelines.memory import MemoryOptions, MemoryPlan
 from pipelines.optimizations import FastMode, Optimizations
 from pipelines.registry import ModelEntry, ModelRegistry
+from pipelines.vae_family import check_vae_fits
 
 AUTOMATIC_VAE = "Automatic"
 NO_VAE = "None"
@@ -178,6 +179,8 @@ class PipelineManager:
                 self._move([self._active_vae[1]], torch.device("cpu"))
                 self._active_vae = None
             return None
+        # A real SDXL VAE has SD1's shapes and would load: refuse it when its file says what it is.
+        check_vae_fits(entry, arch, self._active_ckpt.entry.name if self._active_ckpt is not None else None)
         key = self._vae_key(entry, arch)
 
         def load():
