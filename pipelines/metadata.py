@@ -41,6 +41,7 @@ from PIL import Image, PngImagePlugin
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 RE_IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 _RE_VALUE_END = re.compile(r"\s*(?:,|$)")
+_HYPERNET_TAG = re.compile(r"<hypernet:([^>]+)>")
 # Tokens of A1111's prompt attention syntax (escapes, brackets, `:weight)`, text, stray colon).
 RE_ATTENTION = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:", re.S)
 RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
@@ -279,7 +280,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
             res[key] = value
 
     if isinstance(res.get("Hypernet"), str):
-        res["Prompt"] += f"<hypernet:{res['Hypernet']}:{res.get('Hypernet strength', '1.0')}>"
+        res["Prompt"] += _legacy_hypernet_tags(res["Prompt"], res["Hypernet"], res.get("Hypernet strength", "1.0"))
 
     for sampler_key, schedule_key in (("Sampler", "Schedule type"), ("Hires sampler", "Hires schedule type")):
         if isinstance(res.get(sampler_key), str):
@@ -296,6 +297,19 @@ def parse_infotext(text: str) -> dict[str, Any]:
 
     _restore_old_hires_fix(res)
     return res
+
+
+def _legacy_hypernet_tags(prompt: str, names: str, strength: Any) -> str:
+    """Tags for the legacy `Hypernet` key (A1111 before extra networks wrote one name there;
+    A1111 1.x writes none and keeps `<hypernet:...>` in the prompt): one `<hypernet:name:s>` per
+    comma-separated name the prompt does not already carry, so a paste never applies one twice."""
+    present = {m.group(1).split(":", 1)[0].strip() for m in _HYPERNET_TAG.finditer(prompt)}
+    tags = []
+    for name in (n.strip() for n in names.split(",")):
+        if name and name not in present:
+            present.add(name)
+            tags.append(f"<hypernet:{name}:{strength}>")
+    return "".join(tags)
 
 
 def _restore_old_hires_fix(res: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from pipelines.adapters import embeddings, hypernetworks
-from pipelines.adapters.wishes import AdapterWishes, adapter_wishes, lora_hashes
+from pipelines.adapters.wishes import AdapterWishes, adapter_wishes, hypernet_hashes, lora_hashes
 from pipelines.cache import module_bytes
 from pipelines.prompts.extra_networks import extract_extra_networks
 
@@ -34,9 +34,9 @@ def attach(manager, active, request, wishes: AdapterWishes) -> Iterator[dict[str
         params["Lora hashes"] = hashes
     networks = [(_hypernetwork(manager, wish.name), wish.strength) for wish in wishes.hypernets]
     if networks:
-        entries = [registry.find("hypernetwork", wish.name) for wish in wishes.hypernets]
-        params["Hypernet"] = ", ".join(e.stem for e in entries)
-        params["Hypernet hash"] = ", ".join(registry.shorthash(e) for e in entries)
+        # The `<hypernet:...>` tags stay in the prompt, which is what A1111 1.x keeps too. No
+        # legacy `Hypernet` key: A1111's paste appends a tag for it, applying the network twice.
+        params["Hypernet hashes"] = hypernet_hashes(registry, wishes.hypernets)
     texts = [extract_extra_networks(t or "")[0] for t in wishes.texts]
     with embeddings.scoped_embeddings(active.pipe, embeddings.used_embeddings(registry, texts)) as used, \
             hypernetworks.scoped_hypernetworks(active.pipe.unet, networks):

@@ -1,6 +1,6 @@
 """What adapters a request asks for, read from the extra-network tags of its prompts
 (`<lora:name:w>`, `<lora:name:te:unet>`, `<hypernet:name:w>`), and what the infotext says
-about the ones that were applied (A1111 `Lora hashes`)."""
+about the ones that were applied (A1111 `Lora hashes`; `Hypernet hashes`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,17 +29,17 @@ class AdapterWishes:
 
 def adapter_wishes(*prompts: str) -> AdapterWishes:
     """Tags from all prompts (positive and negative), in order of appearance. A network named in
-    several prompts (the same prompt per image of a batch) counts once, as its first mention."""
-    loras, hypernets = [], []
+    several prompts (the same prompt per image of a batch) counts once, as its first mention; a
+    LoRA named twice in one prompt adds up (the stack sums them), a hypernetwork applies once."""
+    loras: list[LoraRequest] = []
+    hypernets: list[HypernetRequest] = []
     for text in prompts:
-        seen_before = {w.name for w in loras} | {w.name for w in hypernets}
+        seen_before = {w.name for w in loras}
         for tag in extract_extra_networks(text or "")[1]:
-            if tag.name in seen_before:
-                continue
-            if tag.kind == "lora":
+            if tag.kind == "lora" and tag.name not in seen_before:
                 te, unet = tag.lora_weights()
                 loras.append(LoraRequest(tag.name, te, unet))
-            elif tag.kind == "hypernet":
+            elif tag.kind == "hypernet" and tag.name not in {w.name for w in hypernets}:
                 hypernets.append(HypernetRequest(tag.name, tag.multiplier(0, 1.0)))
     return AdapterWishes(tuple(loras), tuple(hypernets), tuple(t or "" for t in prompts))
 
@@ -56,4 +56,11 @@ def lora_hashes(registry: ModelRegistry, applied: Iterable[AppliedLora], mention
         seen.add(entry.stem)
         shorthash = (entry.metadata.get("sshs_model_hash") or registry.addnet_hash(entry))[:12]
         parts.append(f"{request.name.translate(_NAME_SEPARATORS)}: {shorthash}")
+    return ", ".join(parts) or None
+
+
+def hypernet_hashes(registry: ModelRegistry, wishes: Iterable[HypernetRequest]) -> str | None:
+    """`name: shorthash, ...` (AutoV2, 10 hex) for the `Hypernet hashes` infotext key."""
+    parts = [f"{w.name.translate(_NAME_SEPARATORS)}: {registry.shorthash(registry.find('hypernetwork', w.name))}"
+             for w in wishes]
     return ", ".join(parts) or None

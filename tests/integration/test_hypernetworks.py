@@ -5,6 +5,7 @@ import pytest
 
 from pipelines.adapters.hypernetworks import load_hypernetwork
 from pipelines.generate import generate
+from pipelines.metadata import parse_infotext
 from pipelines.request import GenerationRequest
 from tests import factories
 from tests.integration.conftest import make_engine
@@ -38,7 +39,9 @@ def test_hypernetwork_applies_by_strength_for_its_request_only(engine):
     # strength 0 is the plain model (same prompt text, so the same conditioning)
     assert np.abs(full - zero).max() > 8
     assert np.abs(half - zero).max() > 2 and np.abs(full - half).max() > 2
-    assert "Hypernet: inkwash" in text
+    shorthash = manager.registry.shorthash(manager.registry.find("hypernetwork", "inkwash"))
+    assert f'Hypernet hashes: "inkwash: {shorthash}"' in text
+    assert "Hypernet:" not in text  # A1111's paste would append a second tag for the legacy key
     after, _ = _run(manager, "a red square")
     assert np.array_equal(after, base)
     assert np.array_equal(zero, base)  # the tag itself is not text for the encoder
@@ -74,3 +77,20 @@ def test_processor_without_networks_matches_diffusers_attention(engine):
             finally:
                 unet.set_attn_processor(original)
     assert torch.equal(ours, expected)
+
+
+def test_pasted_infotext_applies_the_hypernetwork_once(engine):
+    manager, _ = engine
+    tagged, text = _run(manager, "a red square<hypernet:inkwash:0.6>")
+    parsed = parse_infotext(text)
+    assert parsed["Prompt"] == "a red square<hypernet:inkwash:0.6>"
+    assert np.array_equal(_run(manager, parsed["Prompt"])[0], tagged)
+    # the same tag twice in a prompt applies once
+    assert np.array_equal(_run(manager, "a red square<hypernet:inkwash:0.6><hypernet:inkwash:0.6>")[0], tagged)
+    # legacy A1111 infotexts name it in a `Hypernet` key: a tag is added only where the prompt lacks it
+    legacy = "a red square\nSteps: 2, Seed: 9, Hypernet: inkwash, Hypernet strength: 0.6"
+    assert parse_infotext(legacy)["Prompt"] == "a red square<hypernet:inkwash:0.6>"
+    both = "a red square<hypernet:inkwash:0.6>\nSteps: 2, Seed: 9, Hypernet: inkwash, Hypernet strength: 0.6"
+    assert parse_infotext(both)["Prompt"] == "a red square<hypernet:inkwash:0.6>"
+    several = 'a red square<hypernet:inkwash:0.6>\nSteps: 2, Seed: 9, Hypernet: "inkwash, ink2"'
+    assert parse_infotext(several)["Prompt"] == "a red square<hypernet:inkwash:0.6><hypernet:ink2:1.0>"
