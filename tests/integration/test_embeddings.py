@@ -81,12 +81,29 @@ def test_an_embedding_for_another_model_stays_plain_text(engine):
 
 
 def test_sdxl_embedding_loads_into_both_text_encoders(engine):
-    manager, _ = engine
+    from pipelines.adapters.embeddings import scoped_embeddings
+    from safetensors.torch import load_file
+
+    manager, folder = engine
     base, _ = _run(manager, "a red square", checkpoint="tiny-sdxl")
     with manager.pipeline("txt2img", "tiny-sdxl") as active:
         sizes = (len(active.pipe.tokenizer), len(active.pipe.tokenizer_2))
     image, text = _run(manager, "a red square xlpair", checkpoint="tiny-sdxl")
     assert "xlpair: " in text
+    assert np.abs(image - base).max() > 4
+    # clip_l rows in the first text encoder, clip_g rows in the second (the file has clip_g = -clip_l,
+    # so a swap fails here)
+    pair = load_file(str(folder / "xlpair.safetensors"))
+    with manager.pipeline("txt2img", "tiny-sdxl") as active:
+        pipe = active.pipe
+        with scoped_embeddings(pipe, [manager.registry.find("embedding", "xlpair")]) as used:
+            assert [e.stem for e in used] == ["xlpair"]
+            for tokenizer, encoder, key in ((pipe.tokenizer, pipe.text_encoder, "clip_l"),
+                                            (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")):
+                ids = tokenizer.convert_tokens_to_ids(["xlpair", "xlpair_1", "xlpair_2"])
+                assert len(set(ids)) == 3 and min(ids) >= sizes[0 if key == "clip_l" else 1]
+                rows = encoder.get_input_embeddings().weight[ids]
+                assert torch.allclose(rows, pair[key].to(rows.dtype)), key
     assert np.array_equal(_run(manager, "a red square", checkpoint="tiny-sdxl")[0], base)
     with manager.pipeline("txt2img", "tiny-sdxl") as active:
         assert (len(active.pipe.tokenizer), len(active.pipe.tokenizer_2)) == sizes
