@@ -130,6 +130,13 @@ def build_router(ctx: Any, authenticate, limits: ImageLimits) -> APIRouter:
         sources = payload.controlnet_input_images or payload.controlnet_images
         if not sources:
             raise ValueError("controlnet_input_images (or controlnet_images) must hold at least one base64 image")
+        masks = [index for index, mask in enumerate(payload.controlnet_masks or []) if mask]
+        if masks:
+            # The extension feeds masks only to its inpaint preprocessors; Easel has none, and
+            # every preprocessor here ignores a mask, so refuse it rather than drop it.
+            preprocessors.get(payload.controlnet_module)  # an unknown module is the first problem
+            raise ValueError(f"controlnet_masks[{masks[0]}]: the '{payload.controlnet_module}' preprocessor takes no "
+                             "mask (Easel has no inpaint preprocessor); leave controlnet_masks out")
         images = []
         for index, text in enumerate(sources):
             image = decode_image(text, f"controlnet_input_images[{index}]", limits)

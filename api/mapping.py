@@ -62,6 +62,8 @@ def request_fields() -> set[str]:
 
 
 def _common(payload: _Processing, options: ApiOptions, limits: ImageLimits) -> dict[str, Any]:
+    from api import scripts
+    scripts.check_script_name(payload.script_name)
     overrides = payload.override_settings or {}
     resolved = options.resolve(overrides)  # validates checkpoint/VAE/clip skip names
     checkpoint = resolved.get(CHECKPOINT) or options.checkpoint().name
@@ -89,7 +91,6 @@ def _common(payload: _Processing, options: ApiOptions, limits: ImageLimits) -> d
         if field_name in known and value is not None:
             values[field_name] = value
     # ControlNet units from alwayson_scripts (the control lane's ControlUnit.from_a1111).
-    from api import scripts
     values.update(scripts.request_values(payload.alwayson_scripts, known, limits))
     return values
 
@@ -148,14 +149,17 @@ def response(payload: _Processing, request: GenerationRequest, result: Generatio
 
 def info_dict(payload: _Processing, request: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
     """A1111's `Processed.js()` keys, filled from the request and the first image's infotext."""
-    parsed = split_infotext(result.infotexts[0])[2] if result.infotexts else {}
-    count = len(result.images)
+    split = [split_infotext(text) for text in result.infotexts]
+    parsed = split[0][2] if split else {}
     seed = result.seeds[0] if result.seeds else request.seed
+    # Each image's own prompts (styles and wildcards resolved), as A1111's all_prompts are.
+    all_prompts = [prompt for prompt, _negative, _params in split]
+    all_negatives = [negative for _prompt, negative, _params in split]
     return {
-        "prompt": request.prompt,
-        "all_prompts": [request.prompt] * count,
+        "prompt": request.prompt,  # as the user wrote it (A1111: p.prompt)
+        "all_prompts": all_prompts,
         "negative_prompt": request.negative_prompt,
-        "all_negative_prompts": [request.negative_prompt] * count,
+        "all_negative_prompts": all_negatives,
         "seed": seed,
         "all_seeds": list(result.seeds),
         "subseed": seed,  # no variation seeds in Easel: A1111 reports subseed = seed then too

@@ -31,11 +31,23 @@ def script_names(request_fields: Collection[str]) -> dict[str, list[str]]:
     return {"txt2img": list(names), "img2img": list(names)}
 
 
-def script_info(request_fields: Collection[str]) -> list[dict[str, Any]]:
+def script_info(request_fields: Collection[str], unit_count: int = 3) -> list[dict[str, Any]]:
+    """A1111's `ScriptInfo` list: name, is_alwayson, is_img2img and one `ScriptArg` (label,
+    value, minimum, maximum, step, choices) per argument slot, here one per ControlNet unit."""
     if not controlnet_available(request_fields):
         return []
-    return [{"name": CONTROLNET, "is_alwayson": True, "is_img2img": is_img2img, "args": []}
+    args = [{"label": f"ControlNet Unit {i}", "value": None, "minimum": None, "maximum": None, "step": None,
+             "choices": None} for i in range(unit_count)]
+    return [{"name": CONTROLNET, "is_alwayson": True, "is_img2img": is_img2img, "args": [dict(a) for a in args]}
             for is_img2img in (False, True)]
+
+
+def check_script_name(script_name: str | None) -> None:
+    """A1111 runs `script_name` (X/Y/Z plot, ...) from the request; Easel's REST API runs none,
+    so naming one is a ValueError instead of a request that silently runs without it."""
+    if script_name:
+        raise ValueError(f"script_name '{script_name}' is not available through the REST API; "
+                         "leave it out (GET /sdapi/v1/scripts lists the always-on scripts)")
 
 
 def request_values(alwayson_scripts: Mapping[str, Any] | None, request_fields: Collection[str],
@@ -49,27 +61,30 @@ def request_values(alwayson_scripts: Mapping[str, Any] | None, request_fields: C
         if not isinstance(args, list):
             raise ValueError(f"alwayson_scripts['{title}']['args'] must be a list")
         if str(title).lower() == CONTROLNET:
-            units = [a for a in args if isinstance(a, Mapping) and a.get("enabled", True)]
+            # Numbered by position in args, as the extension numbers its units.
+            units = [(i, a) for i, a in enumerate(args) if isinstance(a, Mapping) and a.get("enabled", True)]
             if not units:
                 continue
             if not controlnet_available(request_fields):
                 raise ValueError("ControlNet units were sent, but this Easel build has no ControlNet support yet")
             from pipelines.control import ControlUnit
-            values["control_units"] = tuple(ControlUnit.from_a1111(with_decoded_image(unit, index, limits))
-                                            for index, unit in enumerate(units))
+            values["control_units"] = tuple(ControlUnit.from_a1111(with_decoded_image(unit, index, limits),
+                                                                   f"ControlNet unit {index}")
+                                            for index, unit in units)
         else:
             raise ValueError(f"script '{title}' is not available in Easel; GET /sdapi/v1/scripts lists those that are")
     return values
 
 
 def with_decoded_image(unit: Mapping[str, Any], index: int, limits: ImageLimits) -> dict[str, Any]:
-    """The unit with its image decoded here (base64 only, size limits), whichever shape the
-    client used: a string, `{"image", "mask"}`, `[image, mask]` or the legacy `input_image`."""
-    unit = dict(unit)
-    image = unit.pop("input_image", None) if "image" not in unit else unit.get("image")
-    if isinstance(image, list):
-        image = image[0] if image else None
-    if isinstance(image, Mapping):
-        image = image.get("image")
-    unit["image"] = decode_image(image, f"ControlNet unit {index} image", limits) if image else None
-    return unit
+    """The unit with its image and mask decoded here (base64 only, size limits), whichever shape
+    the client used: a string, `{"image", "mask"}`, `[image, mask]`, `mask` / `mask_image`
+    beside it, or the legacy `input_image`. What the mask then does is the control lane's rule
+    (`pipelines.control.units.unit_mask_as_image`)."""
+    from pipelines.control.units import a1111_image_fields
+
+    where = f"ControlNet unit {index}"
+    rest, image, mask = a1111_image_fields(unit, where)
+    rest["image"] = decode_image(image, f"{where} image", limits) if image is not None else None
+    rest["mask"] = decode_image(mask, f"{where} mask", limits) if mask is not None else None
+    return rest

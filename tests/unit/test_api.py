@@ -624,3 +624,147 @@ def test_fetch_reads_the_image_from_the_checked_address_without_redirects(tmp_pa
             fetch.fetch(f"http://127.0.0.1:{port}/cat.png", 1 << 20)
     finally:
         server.shutdown()
+
+# --- ControlNet units: legacy aliases and masks ----------------------------------------------------
+
+def unit_request(client, ctx, unit, path="txt2img"):
+    body = {"width": 64, "height": 64, "alwayson_scripts": {"ControlNet": {"args": [unit]}}}
+    if path == "img2img":
+        body["init_images"] = [b64_png(Image.new("RGB", (64, 64), "grey"))]
+    response = client.post(f"/sdapi/v1/{path}", json=body)
+    if response.status_code != 200:
+        return response
+    return ctx.jobs.submitted[-1][1].control_units
+
+
+def stroke_mask() -> Image.Image:
+    mask = Image.new("RGB", (64, 64))
+    mask.paste((255, 255, 255), (8, 30, 56, 34))  # a white line on black: what a sketch canvas sends
+    return mask
+
+
+def test_controlnet_legacy_field_aliases(client, ctx):
+    base = {"module": "canny", "model": "control_v11p_sd15_canny"}
+    (unit,) = unit_request(client, ctx, {**base, "input_image": b64_png(square()), "guidance": 0.6, "lowvram": True,
+                                         "guidance_start": 0.2})
+    assert (unit.guidance_start, unit.guidance_end) == (0.2, 0.6)
+    assert unit.image.convert("RGB").tobytes() == square().tobytes()
+    for both, names in (({"guidance": 0.5, "guidance_end": 0.7}, "'guidance_end' or its old name 'guidance'"),
+                        ({"input_image": b64_png(square()), "image": b64_png(square())}, "'image' or its old name 'input_image'")):
+        response = unit_request(client, ctx, {**base, **both})
+        assert response.status_code == 422 and names in response.json()["detail"]
+
+
+@pytest.mark.parametrize("shape", ["mask", "mask_image", "dict", "pair"])
+def test_a_controlnet_unit_mask_becomes_its_control_image_as_in_the_extension(client, ctx, shape):
+    image, mask = b64_png(square()), b64_png(stroke_mask(), data_url=True)
+    unit = {"module": "canny", "model": "control_v11p_sd15_canny", "threshold_a": 50}
+    unit |= {"mask": {"image": image, "mask": mask}, "mask_image": {"image": image, "mask_image": mask},
+             "dict": {"image": {"image": image, "mask": mask}}, "pair": {"image": [image, mask]}}[shape]
+    (got,) = unit_request(client, ctx, unit)
+    # The extension's rule for non-inpaint preprocessors: the drawn mask is the map, preprocessor "none".
+    assert got.module == "none" and got.image.convert("RGB").tobytes() == stroke_mask().tobytes()
+    assert (got.model, got.threshold_a) == ("control_v11p_sd15_canny", 50)
+
+
+def test_a_blank_controlnet_mask_is_no_mask_and_other_masks_are_refused_by_name(client, ctx):
+    image = b64_png(square())
+    blank = b64_png(Image.new("L", (64, 64), 0))  # an untouched canvas
+    (got,) = unit_request(client, ctx, {"module": "canny", "model": "control_v11p_sd15_canny", "image": image,
+                                        "mask": blank})
+    assert got.module == "canny" and got.image.convert("RGB").tobytes() == square().tobytes()
+    stroke = b64_png(stroke_mask())
+    for unit, message in (
+            ({"module": "inpaint_only", "image": image, "mask": stroke}, "ControlNet unit 0 mask: the 'inpaint_only' inpaint"),
+            ({"module": "canny", "image": image, "mask": "/etc/passwd"}, "ControlNet unit 0 mask: file paths are not accepted"),
+            ({"module": "canny", "image": image, "mask": "bm90IGFuIGltYWdl"}, "ControlNet unit 0 mask: the upload is not"),
+            ({"module": "canny", "image": {"image": image, "mask": stroke}, "mask": stroke}, "the mask is given twice"),
+            ({"module": "canny", "image": [image, stroke, stroke]}, "a list must be [image, mask]"),
+            ({"module": "canny", "image": image, "effective_region_mask": stroke}, "effective_region_mask")):
+        response = unit_request(client, ctx, {"model": "control_v11p_sd15_canny", **unit}, path="img2img")
+        assert response.status_code == 422 and message in response.json()["detail"], (unit, response.text)
+    assert len(ctx.jobs.submitted) == 1
+
+
+def test_controlnet_detect_refuses_masks_it_cannot_use(client):
+    image = b64_png(square())
+    body = {"controlnet_module": "canny", "controlnet_input_images": [image], "controlnet_processor_res": 64}
+    for empty in (None, [], [""]):  # what clients send without a mask
+        assert client.post("/controlnet/detect", json={**body, "controlnet_masks": empty}).status_code == 200
+    response = client.post("/controlnet/detect", json={**body, "controlnet_masks": [b64_png(stroke_mask())]})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("controlnet_masks[0]: the 'canny' preprocessor takes no mask")
+
+
+def test_a_script_name_easel_cannot_run_is_refused(client, ctx):
+    response = client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64, "script_name": "x/y/z plot"})
+    assert response.status_code == 422 and "script_name 'x/y/z plot' is not available" in response.json()["detail"]
+    assert client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64, "script_name": None}).status_code == 200
+
+
+# --- the remaining A1111 routes ------------------------------------------------------------------
+
+def test_refresh_routes_pick_up_new_files(client, ctx):
+    models = ctx.settings.data_dir / "models"
+    stripped.write_stripped(models / "Stable-diffusion" / "new-merge.safetensors", stripped.sd1_layout())
+    stripped.write_stripped(models / "VAE" / "new-vae.safetensors", stripped.vae_layout())
+    assert "new-merge" not in [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()]
+    assert client.post("/sdapi/v1/refresh-checkpoints").json() is None
+    assert "new-merge" in [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()]
+    (models / "VAE" / "vae-ft-mse.safetensors").unlink()
+    assert client.post("/sdapi/v1/refresh-vae").status_code == 200
+    assert [v["model_name"] for v in client.get("/sdapi/v1/sd-vae").json()] == ["new-vae.safetensors"]
+
+
+def test_hypernetworks_list_a1111_files(client, ctx):
+    from tests import factories
+
+    assert client.get("/sdapi/v1/hypernetworks").json() == []
+    path = factories.write_tiny_hypernetwork(ctx.settings.data_dir / "models" / "hypernetworks" / "tinyhn.pt")
+    client.post("/sdapi/v1/refresh-checkpoints")
+    assert client.get("/sdapi/v1/hypernetworks").json() == [{"name": "tinyhn", "path": str(path)}]
+
+
+def test_script_info_has_a1111s_shape(client):
+    info = client.get("/sdapi/v1/script-info").json()
+    assert [(s["name"], s["is_alwayson"], s["is_img2img"]) for s in info] == [
+        ("controlnet", True, False), ("controlnet", True, True)]
+    for script in info:
+        assert set(script) == {"name", "is_alwayson", "is_img2img", "args"}
+        assert [a["label"] for a in script["args"]] == ["ControlNet Unit 0", "ControlNet Unit 1", "ControlNet Unit 2"]
+        for arg in script["args"]:
+            assert set(arg) == {"label", "value", "minimum", "maximum", "step", "choices"}
+
+
+def test_cmd_flags_never_show_passwords(ctx, tmp_path):
+    users = tmp_path / "users.txt"
+    users.write_text("carol:file-secret\n")
+    ctx.settings = Settings(data_dir=ctx.settings.data_dir, api=True, auth="alice:ui-secret",
+                            api_auth="bob:api-secret", auth_file=users)
+    response = make_client(ctx, [AUTH]).get("/sdapi/v1/cmd-flags", auth=AUTH)
+    flags = response.json()
+    assert (flags["auth"], flags["api_auth"], flags["auth_file"]) == ("***", "***", "***")
+    assert flags["api"] is True and flags["port"] == ctx.settings.port
+    for secret in ("ui-secret", "api-secret", "users.txt", "alice", "bob"):
+        assert secret not in response.text
+
+
+A1111_INFO_KEYS = {  # A1111 v1.10 Processed.js()
+    "prompt", "all_prompts", "negative_prompt", "all_negative_prompts", "seed", "all_seeds", "subseed",
+    "all_subseeds", "subseed_strength", "width", "height", "sampler_name", "cfg_scale", "steps", "batch_size",
+    "restore_faces", "face_restoration_model", "sd_model_name", "sd_model_hash", "sd_vae_name", "sd_vae_hash",
+    "seed_resize_from_w", "seed_resize_from_h", "denoising_strength", "extra_generation_params",
+    "index_of_first_image", "infotexts", "styles", "job_timestamp", "clip_skip", "is_using_inpainting_conditioning",
+    "version"}
+
+
+def test_txt2img_info_has_every_a1111_key_with_per_image_prompts(client, ctx):
+    body = {"prompt": "a cat", "negative_prompt": "dog", "width": 64, "height": 64, "seed": 3, "n_iter": 2,
+            "steps": 4, "cfg_scale": 6}
+    info = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
+    assert A1111_INFO_KEYS <= set(info)
+    assert (info["all_prompts"], info["all_negative_prompts"], info["all_seeds"]) == (["a cat"] * 2, ["dog"] * 2, [3, 4])
+    assert (info["steps"], info["cfg_scale"], info["width"], info["batch_size"]) == (4, 6, 64, 1)
+    assert len(info["job_timestamp"]) == 14 and info["version"] == "easel-test" and info["denoising_strength"] is None
+    assert isinstance(info["extra_generation_params"], dict) and info["infotexts"][1].startswith("a cat\n")
+
