@@ -103,12 +103,13 @@ class Authenticator:
 
     def __init__(self, users: list[User]) -> None:
         self._users = {u.name: u for u in users}
+        self._stand_in = _stand_in_user(users)
 
     def __call__(self, username: str, password: str) -> bool:
         user = self._users.get(username)
         if user is None:
-            # Same work as a real check, so timing does not tell which names exist.
-            verify_password(password, hash_password("", iterations=1000))
+            # The same work as checking a real user, so timing does not tell which names exist.
+            self._stand_in.check(password)
             return False
         return user.check(password)
 
@@ -123,6 +124,25 @@ class Authenticator:
     @property
     def admins(self) -> list[str]:
         return [u.name for u in self._users.values() if u.admin]
+
+
+def _rounds(secret: str) -> int | None:
+    """The PBKDF2 iterations of a stored hash; None for a plain password (or a malformed hash)."""
+    parts = secret.split("$", 3)
+    if len(parts) != 4 or parts[0] != HASH_SCHEME or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
+def _stand_in_user(users: list[User]) -> User:
+    """Who an unknown name is checked against: a random secret of the costliest kind the real
+    users have (a hash with the most PBKDF2 rounds any of them has, else a plain password), so
+    an unknown name costs at least what a real one does. Hashed once, here."""
+    rounds = [r for r in (_rounds(u.secret) for u in users) if r is not None]
+    secret = secrets.token_urlsafe(18)
+    if rounds:
+        return User(name="", secret=hash_password(secret, iterations=min(max(rounds), 10_000_000)))
+    return User(name="", secret=secret)
 
 
 @dataclass(frozen=True)

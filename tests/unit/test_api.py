@@ -768,3 +768,49 @@ def test_txt2img_info_has_every_a1111_key_with_per_image_prompts(client, ctx):
     assert len(info["job_timestamp"]) == 14 and info["version"] == "easel-test" and info["denoising_strength"] is None
     assert isinstance(info["extra_generation_params"], dict) and info["infotexts"][1].startswith("a cat\n")
 
+# --- auth: constant-time compare, the same work for unknown names -------------------------------------
+
+def test_basic_auth_compares_with_hmac_compare_digest_and_unknown_or_wrong_are_401(ctx, monkeypatch):
+    import hmac
+
+    client = make_client(ctx, [AUTH])
+    calls = []
+    real = hmac.compare_digest
+
+    def recording(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    assert client.get("/sdapi/v1/options", auth=AUTH).status_code == 200
+    assert calls == [(b"s3cret", b"s3cret")]
+    for credentials in (("alice", "wrong"), ("mallory", "s3cret")):
+        calls.clear()
+        response = client.get("/sdapi/v1/options", auth=credentials)
+        assert response.status_code == 401 and response.json()["detail"] == "Incorrect username or password"
+        (compared,) = calls  # the unknown name, too, costs one constant-time compare
+        assert compared[1] == credentials[1].encode()
+
+
+def test_an_unknown_name_costs_the_same_pbkdf2_rounds_as_a_hashed_user(monkeypatch):
+    import hashlib
+
+    authenticator = Authenticator([User("hashed", hash_password("pw", iterations=3000)), User("plain", "pw2"),
+                                   User("older", hash_password("pw3", iterations=1500))])
+    rounds = []
+    real = hashlib.pbkdf2_hmac
+
+    def recording(name, password, salt, iterations, *args):
+        rounds.append(iterations)
+        return real(name, password, salt, iterations, *args)
+
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", recording)
+    assert authenticator("hashed", "pw") and not authenticator("hashed", "nope")
+    assert rounds == [3000, 3000]
+    rounds.clear()
+    assert not authenticator("nobody", "pw") and not authenticator("", "")
+    assert rounds == [3000, 3000]  # the costliest real check, not a cheap stand-in
+    rounds.clear()
+    only_plain = Authenticator([User("plain", "pw2")])
+    assert not only_plain("nobody", "pw2") and rounds == []  # plain users: a plain compare for everyone
+
