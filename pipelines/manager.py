@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from pipelines import loading
+from pipelines.accelerators import Accelerators
 from pipelines.adapters.lora_stack import AppliedLora, LoraRequest, LoraStack
 from pipelines.arch import Arch
 from pipelines.cache import ModelCache, module_bytes
@@ -59,6 +60,7 @@ class PipelineManager:
         self.loras = LoraStack(registry, self.load_counts)
         self.fast = FastMode(optimizations)  # fast mode: applied on activation, undone on switch
         self.memory = MemoryPlan(memory)  # --medvram/--lowvram offload and automatic VAE tiling
+        self.accelerators = Accelerators()  # DeepCache / ToMe per request, options in self.fast
 
     # --- what the UI / API ask -------------------------------------------------------------
 
@@ -122,7 +124,8 @@ class PipelineManager:
                 pipe = self._task_pipeline(loaded.arch, task, components)
                 # Always called, also with no LoRAs: it switches off what the last request used.
                 with self.loras.activate(pipe, loaded.arch, ckpt_entry.label, loras) as applied, \
-                        self.memory.offload(pipe, self.device):
+                        self.memory.offload(pipe, self.device), \
+                        self.accelerators.applied(pipe.unet, self.fast.options):
                     yield ActivePipeline(pipe=pipe, checkpoint=ckpt_entry, vae=vae_entry, arch=loaded.arch,
                                          loras=applied)
             finally:
