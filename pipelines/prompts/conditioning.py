@@ -91,8 +91,9 @@ class PromptConditioning:
         if not self.changes_during_sampling or self._finished or (self.pipe_id not in (None, id(pipe))):
             return {}
         total = getattr(pipe, "num_timesteps", None) or self.steps
-        # second-order samplers run more model steps than schedule steps: map proportionally
-        next_step = min(self.steps, math.ceil((step_index + 2) * self.steps / total))
+        # the next model call is `step_index + 1`; samplers with more calls than steps (second
+        # order) map their calls onto the schedule's steps proportionally
+        next_step = min(self.steps, math.floor((step_index + 1) * self.steps / total) + 1)
         if self._texts_at(next_step) == self._texts_at(self._current_step):
             return {}
         self._current_step = next_step

@@ -256,10 +256,11 @@ def _render(nodes: list, step: int, steps: int) -> str:
 
 
 def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
-    """[(last_step, text)] sorted by step: `text` applies to 1-based steps up to `last_step`.
+    """[(last_step, text)] sorted by step, A1111's `get_learned_conditioning_prompt_schedules`.
 
     `[cat:dog:0.5]` over 20 steps -> [(10, "cat"), (20, "dog")]; a number with a '.' is a
     fraction of `steps`, otherwise a step number. A prompt that does not parse has no editing.
+    Which step uses which entry is `text_at_step`'s business (A1111's off-by-one included).
     """
     steps = max(1, int(steps))
     try:
@@ -272,8 +273,15 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
 
 
 def text_at_step(schedule: list[tuple[int, str]], step: int) -> str:
-    """The text a 1-based sampling `step` uses."""
+    """The text the 1-based sampling `step` is conditioned on, picked as A1111 picks it.
+
+    A1111's denoiser counts its calls from 0 (`CFGDenoiser.step`) and `reconstruct_cond_batch`
+    takes the first entry with `call <= last_step`; step k is call k-1. So `[cat:dog:0.5]` over
+    20 steps ([(10, "cat"), (20, "dog")]) is "cat" for steps 1-11 and "dog" for steps 12-20,
+    and `[a|b]` gives a, a, b, a, b, ... (the schedule's last entry is never reached).
+    """
+    call = step - 1
     for last_step, text in schedule:
-        if step <= last_step:
+        if call <= last_step:
             return text
     return schedule[-1][1]

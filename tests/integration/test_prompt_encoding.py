@@ -125,8 +125,10 @@ def test_negative_padded_to_positive_chunks_and_editing_switches(sd_pipe):
     assert torch.equal(first["negative_prompt_embeds"][:, :77], _encode(sd_pipe, "ugly").embeds)
     assert torch.equal(first["negative_prompt_embeds"][:, 77:], _encode(sd_pipe, "").embeds)
     sd_pipe._guidance_scale, sd_pipe._num_timesteps = 7.0, 4
+    # schedule [(2, cat), (4, dog)]; A1111's 0-based call counter takes "cat" for calls 0-2
     assert cond.callback_outputs(sd_pipe, 0) == {}  # step 2 still "cat"
-    switched = cond.callback_outputs(sd_pipe, 1)["prompt_embeds"]  # step 3 is "dog"
+    assert cond.callback_outputs(sd_pipe, 1) == {}  # step 3 still "cat" (A1111: call 2 <= 2)
+    switched = cond.callback_outputs(sd_pipe, 2)["prompt_embeds"]  # step 4 is "dog"
     assert switched.shape == (2, 154, 64)
     assert torch.equal(switched[1:], _encode(sd_pipe, f"dog {long}").embeds)
     assert torch.equal(switched[:1, :77], _encode(sd_pipe, "ugly").embeds)
@@ -139,7 +141,8 @@ def test_and_parts_are_encoded_and_weighted(sd_pipe):
     assert embeds.shape == (2, 2, 77, 64) and pooled is None
     assert weights.tolist() == [[1.0, 0.5], [1.0, 0.0]]  # "plain" padded with a weight-0 copy
     assert torch.equal(embeds[0, 1], _encode(sd_pipe, " a dog").embeds[0])
-    assert torch.equal(cond._part_tensors(3)[0][0, 1], _encode(sd_pipe, " a fox").embeds[0])
+    assert torch.equal(cond._part_tensors(3)[0][0, 1], _encode(sd_pipe, " a dog").embeds[0])  # A1111: call 2 <= 2
+    assert torch.equal(cond._part_tensors(4)[0][0, 1], _encode(sd_pipe, " a fox").embeds[0])
     assert not build_conditioning(sd_pipe, ["ANDROID"], [""], steps=4).composable
 
 
@@ -187,15 +190,16 @@ def sdxl_full(sdxl_pipe):
 
 def test_sdxl_sampling_with_editing_and_and(sdxl_full):
     def run(prompt):
-        cond = build_conditioning(sdxl_full, [prompt] * 2, ["", "ugly"], steps=2)
+        cond = build_conditioning(sdxl_full, [prompt] * 2, ["", "ugly"], steps=3)
         cond.install(sdxl_full)
-        latents = sdxl_full(**cond.pipeline_kwargs(), num_inference_steps=2, guidance_scale=5, width=32, height=32,
+        latents = sdxl_full(**cond.pipeline_kwargs(), num_inference_steps=3, guidance_scale=5, width=32, height=32,
                             output_type="latent", generator=[torch.Generator().manual_seed(1) for _ in range(2)],
                             callback_on_step_end=lambda pipe, i, _t, _k: cond.callback_outputs(pipe, i),
                             callback_on_step_end_tensor_inputs=["latents", *cond.tensor_inputs]).images
         cond.finish()
         return latents
 
+    # [a cat:a dog:1] over 3 steps: "a cat" for steps 1-2 (A1111 calls 0 and 1), "a dog" for step 3
     plain, edited, composed = run("a cat"), run("[a cat:a dog:1]"), run("a cat AND a dog :0.5")
     assert plain.shape == edited.shape == composed.shape == (2, 4, 32, 32)
     assert not torch.equal(plain, edited) and not torch.equal(plain, composed)

@@ -69,13 +69,20 @@ def test_alternation_switches_every_step():
     assert [s for s, _ in schedule] == list(range(1, 11))
     assert [t for _, t in schedule] == ["a", "(b:1.1)"] * 5
     assert [t for _, t in prompt_schedule("[fe|||]male", 4)] == ["female", "male", "male", "male"]
+    # A1111 picks entries by its 0-based call counter (see test_cat_dog_...): the first two
+    # steps both use the first option, then it alternates every step.
+    assert [text_at_step(schedule, s) for s in range(1, 11)] == ["a", "a"] + ["(b:1.1)", "a"] * 4
 
 
 def test_cat_dog_half_over_twenty_steps():
     schedule = prompt_schedule("[cat:dog:0.5]", 20)
     assert schedule == [(10, "cat"), (20, "dog")]
-    assert [text_at_step(schedule, s) for s in range(1, 21)] == ["cat"] * 10 + ["dog"] * 10
+    # The issue text said "cat for steps 1-10, dog after"; A1111 really gives cat for steps 1-11:
+    # CFGDenoiser.step starts at 0 and reconstruct_cond_batch takes the first entry with
+    # step <= end_at_step, so calls 0..10 (11 steps) get "cat" and calls 11..19 (9 steps) "dog".
+    assert [text_at_step(schedule, s) for s in range(1, 21)] == ["cat"] * 11 + ["dog"] * 9
     assert prompt_schedule("[cat:dog:10]", 20) == schedule  # fraction and step number agree
+    assert [text_at_step(prompt_schedule("[cat:dog:1]", 3), s) for s in (1, 2, 3)] == ["cat", "cat", "dog"]
 
 
 def test_nested_editing_inside_emphasis_and_alternation():
