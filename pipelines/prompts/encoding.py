@@ -3,9 +3,11 @@ tokenizers and text encoders (so textual-inversion tokens loaded into them work 
 
 A prompt is tokenized fragment by fragment (each with its emphasis weight), packed into 75-token
 chunks (BREAK ends a chunk; a chunk that would split mid-phrase moves the text after the last
-comma within `COMMA_BACKTRACK` tokens into the next chunk), each chunk is encoded as its own
-77-token sequence, the hidden states are scaled by the weights ("Original" emphasis restores the
-chunk's mean afterwards), and the chunks are concatenated along the sequence axis.
+comma within `COMMA_BACKTRACK` tokens into the next chunk, else it is cut hard at 75; a
+multi-vector textual-inversion embedding that does not fit moves whole into the next chunk),
+each chunk is encoded as its own 77-token sequence, the hidden states are scaled by the weights
+("Original" emphasis restores the chunk's mean afterwards), and the chunks are concatenated
+along the sequence axis.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def tokenize_chunks(tokenizer, text: str, convert=None) -> tuple[list[Chunk], in
     (diffusers' `maybe_convert_prompt`)."""
     fragments = _fragments(text)
     comma = tokenizer.convert_tokens_to_ids(",</w>")
+    embeddings = _multi_vector_embeddings(tokenizer)
     chunks: list[Chunk] = []
     chunk = Chunk()
     last_comma = -1
@@ -68,7 +71,9 @@ def tokenize_chunks(tokenizer, text: str, convert=None) -> tuple[list[Chunk], in
         if convert is not None:
             fragment = convert(fragment, tokenizer)
         tokens = tokenizer(fragment, truncation=False, add_special_tokens=False, verbose=False)["input_ids"]
-        for token in tokens:
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
                 last_comma = len(chunk.tokens)
             elif (len(chunk.tokens) == CHUNK_LENGTH and last_comma != -1
@@ -80,11 +85,38 @@ def tokenize_chunks(tokenizer, text: str, convert=None) -> tuple[list[Chunk], in
                 chunk = moved
             if len(chunk.tokens) == CHUNK_LENGTH:
                 close()
-            chunk.tokens.append(token)
-            chunk.weights.append(weight)
+            vectors = _embedding_at(tokens, position, embeddings)
+            if len(chunk.tokens) + len(vectors) > CHUNK_LENGTH:
+                close()  # A1111: an embedding's vectors are never split across two chunks
+            chunk.tokens.extend(vectors)
+            chunk.weights.extend([weight] * len(vectors))
+            position += len(vectors)
     if chunk.tokens or not chunks:
         close(is_last=True)
     return chunks, token_count
+
+
+def _multi_vector_embeddings(tokenizer) -> dict[int, list[int]]:
+    """{first token id: all its token ids} for each textual-inversion embedding of more than
+    one vector: diffusers adds `name`, `name_1`, ... and `maybe_convert_prompt` writes them
+    out in that order."""
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    groups = {}
+    for name, first in added.items():
+        ids = [first]
+        while f"{name}_{len(ids)}" in added:
+            ids.append(added[f"{name}_{len(ids)}"])
+        if 1 < len(ids) <= CHUNK_LENGTH:
+            groups[first] = ids
+    return groups
+
+
+def _embedding_at(tokens: list[int], position: int, embeddings: dict[int, list[int]]) -> list[int]:
+    """The token ids to place together from `position`: a whole embedding, or one token."""
+    vectors = embeddings.get(tokens[position])
+    if vectors and tokens[position:position + len(vectors)] == vectors:
+        return vectors
+    return tokens[position:position + 1]
 
 
 def count_tokens(tokenizer, text: str) -> tuple[int, int]:

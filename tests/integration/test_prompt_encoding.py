@@ -111,6 +111,55 @@ def test_long_prompt_makes_three_chunks_with_comma_backoff(sd_pipe):
     assert count_tokens(sd_pipe.tokenizer, words)[1] == 225
 
 
+def test_no_comma_within_twenty_tokens_is_a_hard_cut_at_75(sd_pipe):
+    tokenizer = sd_pipe.tokenizer
+    comma, cat, dog = tokenizer.convert_tokens_to_ids([",</w>", "cat</w>", "dog</w>"])
+    # the comma is chunk token 54, 21 tokens before the limit: too far back, A1111 cuts at 75
+    hard = " ".join(["cat"] * 54) + ", " + " ".join(["dog"] * 25)  # 80 tokens
+    chunks, count = tokenize_chunks(tokenizer, hard)
+    assert [len(c.tokens) for c in chunks] == [75, 5] and count == 80
+    assert chunks[0].tokens[54] == comma and chunks[0].tokens[55:] == [dog] * 20 and chunks[1].tokens == [dog] * 5
+    assert count_tokens(tokenizer, hard) == (80, 150)
+    assert _encode(sd_pipe, hard).embeds.shape == (1, 2 * 77, 64)
+    # one token later the comma is 20 back: the 19 tokens after it move on, and the first
+    # chunk still counts as 75 used tokens (A1111's counter shows 100/150)
+    soft = " ".join(["cat"] * 55) + ", " + " ".join(["dog"] * 25)  # 81 tokens
+    chunks, count = tokenize_chunks(tokenizer, soft)
+    assert [len(c.tokens) for c in chunks] == [56, 25] and count == 100
+    assert chunks[0].tokens == [cat] * 55 + [comma] and chunks[1].tokens == [dog] * 25
+
+
+@pytest.fixture(scope="module")
+def ti_pipe():
+    """A tiny SD pipe of its own with a three-vector textual-inversion embedding `zqxtri`."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**factories.tiny_components(seed=0), tokenizer=load_tokenizer(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    vectors = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    pipe.load_textual_inversion({"zqxtri": vectors}, token="zqxtri")
+    return pipe
+
+
+def test_multi_vector_embedding_is_never_split_across_chunks(ti_pipe):
+    tokenizer, convert = ti_pipe.tokenizer, ti_pipe.maybe_convert_prompt
+    tri = tokenizer.convert_tokens_to_ids(["zqxtri", "zqxtri_1", "zqxtri_2"])
+    # 73 words + 3 vectors = 76: A1111 moves the whole embedding to the next chunk
+    text = " ".join(["cat"] * 73) + " zqxtri"
+    chunks, count = tokenize_chunks(tokenizer, text, convert)
+    assert [len(c.tokens) for c in chunks] == [73, 3] and chunks[1].tokens == tri and count == 78
+    # 72 + 3 = 75 fits: it stays
+    chunks, count = tokenize_chunks(tokenizer, " ".join(["cat"] * 72) + " zqxtri", convert)
+    assert [len(c.tokens) for c in chunks] == [75] and chunks[0].tokens[-3:] == tri and count == 75
+    # the weight goes with every vector
+    chunks, _ = tokenize_chunks(tokenizer, " ".join(["cat"] * 73) + " (zqxtri:1.2)", convert)
+    assert chunks[1].tokens == tri and chunks[1].weights == pytest.approx([1.2] * 3)
+    # the second chunk is exactly the embedding alone
+    encoded = _encode(ti_pipe, text)
+    assert encoded.embeds.shape == (1, 2 * 77, 64)
+    assert torch.allclose(encoded.embeds[:, 77:], _encode(ti_pipe, "zqxtri").embeds, atol=1e-6)
+
+
 def test_break_pads_the_chunk(sd_pipe):
     chunks, _ = tokenize_chunks(sd_pipe.tokenizer, "a cat BREAK a dog")
     assert [len(c.tokens) for c in chunks] == [2, 2]
