@@ -1,12 +1,11 @@
-"""RRDB-ESRGAN (ESRGAN, Real-ESRGAN, BSRGAN, 4x-UltraSharp...), our own small implementation.
+"""RRDB-ESRGAN (ESRGAN, Real-ESRGAN, BSRGAN, 4x-UltraSharp...), our own small implementation:
+the fallback when spandrel (the upscaler loader, `pipelines.upscalers`) cannot be imported; it
+imports every architecture it knows, and some need torchvision. Both key layouts are read:
 
-spandrel, the usual loader, imports every architecture it knows at import time, and one of them
-(LaMa) needs torchvision, which this project cannot install; so the one architecture family
-most upscaler files use is implemented here. Both key layouts are read:
-
-- original ESRGAN: `model.0` (first conv), `model.1.sub.<i>.RDB<k>.conv<j>.0`, `model.1.sub.<nb>`
-  (trunk conv), then per x2 upsample a conv at `model.3`, `model.6`, ..., then the HR conv and
-  the last conv;
+- original ESRGAN, an nn.Sequential: `model.0` (first conv), `model.1.sub.<i>.RDB<k>.conv<j>.0`,
+  `model.1.sub.<nb>` (trunk conv), then per x2 upsample [Upsample, conv, LeakyReLU] (convs at
+  `model.3`, `model.6`, ...), then the HR conv, a LeakyReLU and the last conv: x4 files hold
+  `model.3/6/8/10`, x2 `model.3/5/7`, x1 `model.2/4`;
 - BasicSR / Real-ESRGAN: `conv_first`, `body.<i>.rdb<k>.conv<j>`, `conv_body`, `conv_up1`,
   `conv_up2`, `conv_hr`, `conv_last` (x2 / x1 models pixel-unshuffle their input first).
 """
@@ -94,7 +93,7 @@ def to_internal_keys(state: dict) -> dict:
     convs = sorted({int(m.group(1)) for k in state if (m := _OLD_CONV.fullmatch(k))})
     trunk = max(int(m.group(1)) for k in state if (m := re.match(r"model\.1\.sub\.(\d+)\.", k)))
     # after the first conv (0) and the trunk (1): upsample convs every 3 slots, then HR and last
-    tail = [c for c in convs if c >= 3]
+    tail = [c for c in convs if c >= 2]
     upsamples = len(tail) - 2
     names = {0: "conv_first"} | {c: f"upconvs.{i}" for i, c in enumerate(tail[:upsamples])}
     names |= {tail[-2]: "conv_hr", tail[-1]: "conv_last"}
@@ -131,7 +130,7 @@ def to_old_layout(internal: dict) -> dict:
     nb = len({k.split(".")[1] for k in internal if k.startswith("body.")})
     upsamples = len({k.split(".")[1] for k in internal if k.startswith("upconvs.")})
     slots = {"conv_first": 0, **{f"upconvs.{i}": 3 + 3 * i for i in range(upsamples)},
-             "conv_hr": 3 + 3 * upsamples, "conv_last": 5 + 3 * upsamples}
+             "conv_hr": 2 + 3 * upsamples, "conv_last": 4 + 3 * upsamples}
     old = {}
     for key, tensor in internal.items():
         module, param = key.rsplit(".", 1)

@@ -1,15 +1,19 @@
 """Upscalers: Lanczos and Nearest (always there), A1111's latent modes (for hires fix) and
 model files from models/ESRGAN, RealESRGAN, DAT, HAT and SwinIR.
 
-Model files are safetensors or weights-only pickles. RRDB-ESRGAN files (most of them) load with
-our own `pipelines.rrdb`; other architectures need spandrel, used when it imports (it needs
-torchvision, which this project's CPU build lacks), else they are refused with a clear message.
-Models run tiled with overlap, so large images fit in memory; loaded models live in the
-manager's byte-budgeted cache.
+Model files are safetensors or weights-only pickles (read here, never unpickled with code).
+spandrel detects the architecture from the weights and builds the model: ESRGAN / Real-ESRGAN
+(RRDB), Real-ESRGAN Compact (SRVGG), SwinIR, Swin2SR, HAT, DAT, OmniSR, SPAN, ... When spandrel
+cannot be imported (it needs torchvision), RRDB-ESRGAN files still load with our own
+`pipelines.rrdb` and other architectures are refused with a clear message. Models run tiled with
+overlap, so large images fit in memory; loaded models live in the manager's byte-budgeted cache.
+A model upscale runs under the device lock the caller gives (the manager's, which a generation
+holds), so it never shares the device with a generation.
 """
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -81,16 +85,25 @@ def upscale_latents(latents: torch.Tensor, mode_name: str, height: int, width: i
 
 class Upscalers:
     """Resolves upscaler names for one models folder; models are loaded through `cache`
-    (a ModelCache) and run on `device`."""
+    (a ModelCache) and run on `device` while `device_lock()` is held (default: no lock)."""
 
     def __init__(self, models_dir: Path, cache: Any, device: torch.device, dtype: torch.dtype = torch.float32,
-                 tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> None:
+                 tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP,
+                 device_lock: Callable[[], AbstractContextManager] = nullcontext) -> None:
         self.models_dir = Path(models_dir)
         self.cache = cache
         self.device = device
         self.dtype = dtype if device.type != "cpu" else torch.float32
         self.tile = tile
         self.overlap = overlap
+        self.device_lock = device_lock
+
+    @classmethod
+    def for_manager(cls, manager: Any, **options: Any) -> "Upscalers":
+        """The upscalers of the manager's models folder, on its device, cache and device lock: a
+        model upscale waits for a running generation and a generation for a model upscale."""
+        return cls(manager.registry.paths.models_dir, manager.cache, manager.device, manager.dtype,
+                   device_lock=manager.device_lock, **options)
 
     def names(self, latent: bool = False) -> list[str]:
         return upscaler_names(self.models_dir, latent)
@@ -106,16 +119,18 @@ class Upscalers:
         if is_latent(name):
             raise ValueError(f"{name} works on latents, only in hires fix; choose Lanczos or a model here")
         model = self.model(name)
+        dtype = self.dtype if getattr(model, "supports_dtype", lambda _d: True)(self.dtype) else torch.float32
         current = image
-        try:
-            while current.width < width or current.height < height:
-                previous = current.size
-                current = run_tiled(model, current, self.tile, self.overlap, self.device, self.dtype)
-                if current.size[0] <= previous[0]:
-                    break  # a 1x model (denoise/restore): once, then Lanczos to the size
-        finally:
-            if self.device.type != "cpu":
-                model.to("cpu")  # the cache holds it in RAM; the device is the checkpoint's
+        with self.device_lock():
+            try:
+                while current.width < width or current.height < height:
+                    previous = current.size
+                    current = run_tiled(model, current, self.tile, self.overlap, self.device, dtype)
+                    if current.size[0] <= previous[0]:
+                        break  # a 1x model (denoise/restore): once, then Lanczos to the size
+            finally:
+                if self.device.type != "cpu":
+                    model.to("cpu")  # the cache holds it in RAM; the device is the checkpoint's
         if current.size != (width, height):
             current = current.resize((width, height), Image.LANCZOS)
         return current
@@ -131,17 +146,23 @@ class Upscalers:
                                       lambda: load_upscaler_model(path))
 
 
-def load_upscaler_model(path: Path) -> torch.nn.Module:
-    """An upscaler model with a `scale` attribute; ValueError when the file cannot be used."""
+def load_upscaler_model(path: Path, use_spandrel: bool = True) -> torch.nn.Module:
+    """An upscaler model (called on [1, 3, H, W] RGB in [0, 1]) with a `scale` attribute.
+    spandrel builds it when it can be imported (and `use_spandrel`); else RRDB-ESRGAN files load
+    with `pipelines.rrdb`. ValueError when the file cannot be used."""
     from pipelines import rrdb
 
     state = read_weights(path)
+    loader = _spandrel_loader() if use_spandrel else None
+    if loader is not None:
+        return _from_spandrel(loader, state, Path(path).name)
     if rrdb.is_rrdb(state):
         try:
             return rrdb.build_rrdb(state)
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise ValueError(f"{path.name} looks like ESRGAN but its weights do not fit: {exc}") from exc
-    return _load_with_spandrel(path)
+            raise ValueError(f"{Path(path).name} looks like ESRGAN but its weights do not fit: {exc}") from exc
+    raise ValueError(f"{Path(path).name} is not an RRDB-ESRGAN model; other architectures (DAT, HAT, SwinIR, "
+                     "Compact, ...) need the spandrel package (with torchvision), which does not import here")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -163,16 +184,51 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _load_with_spandrel(path: Path) -> torch.nn.Module:
+def _spandrel_loader():
+    """spandrel's ModelLoader, or None when spandrel (or the torchvision it imports) is missing."""
     try:
         from spandrel import ModelLoader
-    except Exception as exc:  # ImportError, or torchvision missing inside spandrel
-        raise ValueError(f"{path.name} is not an RRDB-ESRGAN model; other architectures (DAT, HAT, SwinIR, ...) "
-                         "need the spandrel package with torchvision, which is not available here") from exc
-    descriptor = ModelLoader().load_from_file(str(path))
-    model = descriptor.model.eval().requires_grad_(False)
-    model.scale = descriptor.scale
-    return model
+    except Exception:  # ImportError, or an error inside spandrel's imports of its architectures
+        return None
+    return ModelLoader()
+
+
+class SpandrelUpscaler(torch.nn.Module):
+    """A spandrel image-to-image model as an upscaler: `scale`, `architecture`, and a forward
+    through spandrel's descriptor (which pads to the model's size requirements and crops back)."""
+
+    def __init__(self, descriptor: Any) -> None:
+        super().__init__()
+        self.descriptor = descriptor
+        self.model = descriptor.model  # a submodule, so .to() and the cache's byte count see it
+        self.scale = int(descriptor.scale)
+        self.architecture = descriptor.architecture.name
+
+    def supports_dtype(self, dtype: torch.dtype) -> bool:
+        return dtype == torch.float32 or (dtype == torch.float16 and self.descriptor.supports_half) \
+            or (dtype == torch.bfloat16 and self.descriptor.supports_bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.descriptor(x)
+
+
+def _from_spandrel(loader: Any, state: dict[str, torch.Tensor], name: str) -> SpandrelUpscaler:
+    from spandrel import ImageModelDescriptor, UnsupportedModelError
+
+    try:
+        descriptor = loader.load_from_state_dict(state)
+    except UnsupportedModelError:
+        raise ValueError(f"{name}: spandrel does not know this model's architecture; use an ESRGAN, "
+                         "Real-ESRGAN, SwinIR, HAT, DAT (or other spandrel-supported) upscaler file") from None
+    except Exception as exc:
+        raise ValueError(f"{name} could not be built from its weights: {str(exc).splitlines()[0][:200]}") from exc
+    if not isinstance(descriptor, ImageModelDescriptor) or descriptor.purpose not in ("SR", "Restoration"):
+        raise ValueError(f"{name} is a {descriptor.architecture.name} {descriptor.purpose} model, not an "
+                         "image upscaler; put only upscalers in the upscaler folders")
+    if descriptor.input_channels != 3 or descriptor.output_channels != 3:
+        raise ValueError(f"{name} works on {descriptor.input_channels}-channel images; only RGB upscalers are used")
+    descriptor.model.eval().requires_grad_(False)
+    return SpandrelUpscaler(descriptor)
 
 
 # --- tiling -----------------------------------------------------------------------------------
