@@ -71,8 +71,7 @@ def run(ctx: Any, images: list, payload: _ExtrasBase) -> tuple[list[str], str]:
     from pipelines.metadata import read_infotext
 
     options = _options(payload)
-    manager = ctx.manager
-    tool = upscalers.Upscalers(ctx.registry.paths.models_dir, manager.cache, manager.device, manager.dtype)
+    tool = upscalers.Upscalers.for_manager(ctx.manager)  # model upscales wait for a running generation
     encoded, text = [], ""
     for image in images:
         result, text, _path = extras.process_one(tool, None, image, options)

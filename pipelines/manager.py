@@ -132,6 +132,13 @@ class PipelineManager:
                 for key in keys:
                     self.cache.unlock(key)
 
+    @contextmanager
+    def device_lock(self) -> Iterator[None]:
+        """Hold the device as a generation does (pipeline() holds this lock throughout), for
+        device work outside the job queue, e.g. an Extras model upscale. Re-entrant."""
+        with self._lock:
+            yield
+
     def reactivate(self, active: ActivePipeline) -> None:
         """Put `active`'s checkpoint back on the device after a nested pipeline() for another
         checkpoint (a hires pass with its own model) moved it off; a cache hit, no load."""

@@ -19,8 +19,8 @@ OPTION_FIELDS = ("resize_mode", "upscaling_resize", "upscaling_resize_w", "upsca
 
 
 def upscaler_tool(ctx: AppContext) -> upscalers.Upscalers:
-    manager = ctx.manager
-    return upscalers.Upscalers(ctx.registry.paths.models_dir, manager.cache, manager.device, manager.dtype)
+    # under the manager's device lock: a model upscale waits for the running generation
+    return upscalers.Upscalers.for_manager(ctx.manager)
 
 
 def options_from_values(values: dict[str, Any]) -> extras.ExtrasOptions:

@@ -92,3 +92,56 @@ def test_saving_twice_in_a_day_numbers_the_files(tmp_path):
     assert [p.name for p in paths] == ["00000.png", "00001.png"]
     with Image.open(paths[1]) as second:
         assert second.getpixel((0, 0)) == (0, 0, 255)
+
+
+@pytest.mark.parametrize("entry", ["ui", "api"])
+def test_an_extras_model_upscale_waits_for_the_running_generation(tmp_path, entry):
+    """Extras handlers run outside the job queue; their model upscale takes the manager's device
+    lock, which a generation holds, so the upscaler never runs between two sampling steps."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from api import extras as api_extras
+    from pipelines.generate import generate
+    from pipelines.jobs import JobQueue
+    from pipelines.request import GenerationRequest
+    from tests import factories
+    from tests.integration.conftest import make_engine
+    from ui import extras_tab
+
+    factories.write_tiny_checkpoint(tmp_path / "models" / "Stable-diffusion" / "a.safetensors")
+    write_tiny_esrgan(tmp_path / "models" / "ESRGAN" / "2x-tiny.pth", scale=2)
+    (tmp_path / "embeddings").mkdir()
+    manager, _ = make_engine(tmp_path, tmp_path / "data")
+    with manager.pipeline("txt2img", "a") as active:
+        unet = active.pipe.unet
+    model = upscalers.Upscalers.for_manager(manager).model("2x-tiny")  # the cached instance the handlers get
+    events, sampling = [], threading.Event()
+
+    def slow_step(*_):
+        sampling.set()
+        time.sleep(0.05)  # room for an upscale to slip in between steps, were it not locked out
+
+    unet.register_forward_pre_hook(slow_step)
+    unet.register_forward_hook(lambda *_: events.append(("unet", time.monotonic())))
+    model.register_forward_pre_hook(lambda *_: events.append(("upscale", time.monotonic())))
+
+    jobs = JobQueue(lambda request, progress, cancel: generate(manager, None, request, progress, cancel)).start()
+    try:
+        job = jobs.submit(GenerationRequest(checkpoint="a", prompt="x", steps=4, width=64, height=64, seed=1,
+                                            sampler="Euler", save_images=False), owner="u")
+        assert sampling.wait(120), "the generation did not start"
+        if entry == "ui":
+            ctx = SimpleNamespace(manager=manager, registry=manager.registry, outputs=None)
+            extras_tab.run_images(ctx, [source_image()], {"upscaler_1": "2x-tiny", "upscaling_resize": 2})
+        else:
+            ctx = SimpleNamespace(manager=manager, registry=manager.registry)
+            api_extras.run(ctx, [source_image()], api_extras.ExtrasSingleRequest(upscaler_1="2x-tiny"))
+        job.result(timeout=120)
+    finally:
+        jobs.stop()
+    steps = [t for what, t in events if what == "unet"]
+    upscales = [t for what, t in events if what == "upscale"]
+    assert len(steps) == 4 and upscales
+    assert min(upscales) > max(steps)  # the upscale ran after the generation's last step
