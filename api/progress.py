@@ -49,7 +49,7 @@ class ProgressTracker:
         eta = elapsed / done * (1 - fraction) if done > 0 else 0.0
         request = job.request
         state = {
-            "skipped": False,
+            "skipped": bool(getattr(job.token, "skipping", False)),
             "interrupted": job.token.cancelled,
             "stopping_generation": job.token.cancelled,
             "job": f"{request.task} {job.id}",

@@ -83,9 +83,9 @@ def build_router(ctx: Any, options: ApiOptions, authenticate, verify: Any = None
 
     @router.post("/skip")
     def skip(user: Optional[str] = Depends(authenticate)) -> dict:
-        """Easel has no per-image skip: this stops the caller's current job like interrupt,
-        keeping the images already finished."""
-        ctx.jobs.cancel(owner(user))
+        """Skip the image batch the caller's running job is sampling (it comes back decoded from
+        where it stopped, as in A1111); the job goes on with its next batch."""
+        ctx.jobs.skip(owner(user))
         return {}
 
     @router.get("/progress", response_model=ProgressResponse)
@@ -145,8 +145,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate, verify: Any = None
     @router.post("/reload-checkpoint")
     def reload_checkpoint(user: Optional[str] = Depends(authenticate)) -> None:
         require_admin(user, "reload the checkpoint")
-        with ctx.manager.pipeline("txt2img", options.checkpoint().name, options.vae):
-            pass
+        checkpoint_loader(ctx.manager)(options.checkpoint().name, options.vae)
         return None
 
     @router.get("/samplers", response_model=list[SamplerItem])
@@ -183,7 +182,7 @@ def build_router(ctx: Any, options: ApiOptions, authenticate, verify: Any = None
 
     @router.get("/script-info")
     def script_info() -> list[dict[str, Any]]:
-        return scripts.script_info(mapping.request_fields())
+        return scripts.script_info(mapping.request_fields(), int(getattr(ctx.settings, "control_net_unit_count", 3)))
 
     extension_routes.add_routes(router, ctx, authenticate)
     add_admin_routes(router, ctx, authenticate, verify)  # /cancel-all, /history
@@ -196,7 +195,9 @@ def build_router(ctx: Any, options: ApiOptions, authenticate, verify: Any = None
 
 
 def checkpoint_loader(manager: Any):
-    """Load a checkpoint (+ VAE) now, as A1111 does inside POST /options."""
+    """Load a checkpoint (+ VAE) now, as A1111 does inside POST /options. It goes through the
+    manager's lock, which a generation holds from its first step to its last decode: asked for
+    while a job runs, the load waits for that job and never swaps a model under it."""
     def load(checkpoint: str, vae: Optional[str]) -> None:
         with manager.pipeline("txt2img", checkpoint, vae):
             pass

@@ -70,6 +70,7 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
                                   batch_count=request.batch_count, note=COMPILE_NOTE))
             batch = _run_batch(active, request, batch_seeds, batch_index, progress, cancel, control_kwargs, hooks,
                                manager, batch_prompts)
+            cancel.batch_done()  # a Skip ended this batch only; the next one samples in full
             for image, seed, image_prompt in zip(batch, batch_seeds, batch_prompts):
                 image = hooks.after_image(image, request)
                 params = {**params_common, "Seed": seed}
@@ -118,7 +119,7 @@ def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[i
         else:
             latents = pipe(width=request.width, height=request.height, **common).images
         conditioning.finish()  # a hires pass encodes its own prompt
-        if request.enable_hr and not cancel.cancelled:
+        if request.enable_hr and not cancel.cancelled and not cancel.skipping:
             return hires.run_second_pass(manager, active, request, latents, seeds, callback, decode_latents,
                                          prompts)
         return decode_latents(pipe.vae, latents)
@@ -206,7 +207,7 @@ def _step_callback(active: ActivePipeline, request: GenerationRequest, batch_ind
                           batch_count=request.batch_count, preview=preview))
         hooks.on_step(StepInfo(step=step + 1, total_steps=total, batch_index=batch_index,
                                batch_count=request.batch_count, seeds=seeds, request=request))
-        if cancel.cancelled:
+        if cancel.cancelled or cancel.skipping:
             pipe._interrupt = True  # diffusers skips the remaining steps; we decode what we have
         return tensor_updates(pipe, step)
     return on_step_end

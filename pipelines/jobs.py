@@ -34,10 +34,13 @@ class Progress:
 
 
 class CancelToken:
-    """Set by the owner (Interrupt); read by the sampler's step callback."""
+    """Set by the owner (Interrupt); read by the sampler's step callback. `skip()` (A1111's
+    Skip) ends only the image batch being sampled: generation clears it at each batch boundary
+    and goes on with the next one."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._skip = threading.Event()
 
     def cancel(self) -> None:
         self._event.set()
@@ -45,6 +48,18 @@ class CancelToken:
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
+
+    def skip(self) -> None:
+        self._skip.set()
+
+    @property
+    def skipping(self) -> bool:
+        """The current batch should stop sampling (it is kept, decoded from where it stopped)."""
+        return self._skip.is_set()
+
+    def batch_done(self) -> None:
+        """Called by generation after each batch: a skip applied to that batch only."""
+        self._skip.clear()
 
 
 ProgressSink = Callable[[Progress], None]
@@ -113,6 +128,9 @@ class Job:
     def cancel(self) -> None:
         self.token.cancel()
 
+    def skip(self) -> None:
+        self.token.skip()
+
 
 class JobQueue:
     """Round robin between owners: each owner has a FIFO of jobs, and the worker takes one job
@@ -180,6 +198,16 @@ class JobQueue:
         for job in mine:
             job.cancel()
         return len(mine)
+
+    def skip(self, owner: str) -> int:
+        """Skip the image batch the owner's running job is sampling (A1111 Skip); the job goes on
+        with its next batch. Waiting jobs are not touched. How many jobs were skipped (0 or 1)."""
+        with self._changed:
+            job = self._current
+        if job is None or job.owner != owner:
+            return 0
+        job.skip()
+        return 1
 
     def cancel_all(self) -> int:
         """For admins: every running and waiting job."""

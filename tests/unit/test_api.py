@@ -4,6 +4,8 @@ queue that records what it was asked to run. The real server is tested in tests/
 import base64
 import io
 import json
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -47,7 +49,7 @@ class FakeJobs:
     """Records submitted requests; 'runs' them by drawing a flat image per seed."""
 
     def __init__(self):
-        self.submitted, self.cancelled, self.running = [], [], None
+        self.submitted, self.cancelled, self.skipped, self.running = [], [], [], None
         self.fail_with = None
 
     def submit(self, request, owner=""):
@@ -63,6 +65,10 @@ class FakeJobs:
 
     def cancel(self, owner):
         self.cancelled.append(owner)
+        return 1
+
+    def skip(self, owner):
+        self.skipped.append(owner)
         return 1
 
     def current(self):
@@ -360,8 +366,8 @@ def test_interrupt_and_skip_cancel_the_callers_jobs_and_return_json(ctx):
     client = make_client(ctx, [AUTH, ("bob", "pw")])
     assert client.post("/sdapi/v1/interrupt", auth=AUTH).json() == {}
     assert client.post("/sdapi/v1/skip", auth=("bob", "pw")).json() == {}
-    # A logged-in API user is the same owner as that user in the UI.
-    assert ctx.jobs.cancelled == ["user:alice", "user:bob"]
+    # A logged-in API user is the same owner as that user in the UI; skip is not interrupt.
+    assert ctx.jobs.cancelled == ["user:alice"] and ctx.jobs.skipped == ["user:bob"]
 
 
 # --- auth --------------------------------------------------------------------------------------
@@ -625,6 +631,7 @@ def test_fetch_reads_the_image_from_the_checked_address_without_redirects(tmp_pa
     finally:
         server.shutdown()
 
+
 # --- ControlNet units: legacy aliases and masks ----------------------------------------------------
 
 def unit_request(client, ctx, unit, path="txt2img"):
@@ -768,6 +775,7 @@ def test_txt2img_info_has_every_a1111_key_with_per_image_prompts(client, ctx):
     assert len(info["job_timestamp"]) == 14 and info["version"] == "easel-test" and info["denoising_strength"] is None
     assert isinstance(info["extra_generation_params"], dict) and info["infotexts"][1].startswith("a cat\n")
 
+
 # --- auth: constant-time compare, the same work for unknown names -------------------------------------
 
 def test_basic_auth_compares_with_hmac_compare_digest_and_unknown_or_wrong_are_401(ctx, monkeypatch):
@@ -813,4 +821,156 @@ def test_an_unknown_name_costs_the_same_pbkdf2_rounds_as_a_hashed_user(monkeypat
     rounds.clear()
     only_plain = Authenticator([User("plain", "pw2")])
     assert not only_plain("nobody", "pw2") and rounds == []  # plain users: a plain compare for everyone
+
+
+# --- the real engine behind the routes: skip, unload/reload, loads during a running job ---------------
+
+@pytest.fixture(scope="module")
+def engine_models(tmp_path_factory):
+    from tests import factories
+
+    models = tmp_path_factory.mktemp("engine") / "models"
+    factories.write_tiny_checkpoint(models / "Stable-diffusion" / "tinyA.safetensors", seed=0)
+    factories.write_tiny_checkpoint(models / "Stable-diffusion" / "tinyB.safetensors", seed=1)
+    return models
+
+
+@pytest.fixture(scope="module")
+def engine_manager(engine_models, tmp_path_factory):
+    import torch
+
+    from pipelines.cache import ModelCache
+    from pipelines.manager import PipelineManager
+
+    own = tmp_path_factory.mktemp("engine-data")
+    paths = ModelPaths(models_dir=engine_models, embeddings_dir=own / "embeddings", builtin_dir=own / "no-builtin")
+    registry = ModelRegistry(paths, HashCache(own / "cache.json"))
+    registry.refresh()
+    return PipelineManager(registry, ModelCache(1 << 30), torch.device("cpu"), torch.float32)
+
+
+class StepHook:
+    """Called from the device worker after each reported step; `at` (batch, step) runs `action`
+    there, once, and may block the worker (which holds the engine) until the test says go on."""
+
+    def __init__(self):
+        self.at, self.action = None, None
+
+    def __call__(self, progress):
+        if self.at == (progress.batch_index, progress.step):
+            self.at = None
+            self.action()
+
+
+@pytest.fixture()
+def engine_ctx(engine_manager, engine_models, tmp_path):
+    from pipelines.generate import generate
+    from pipelines.jobs import JobQueue
+
+    hook = StepHook()
+
+    def run(request, report, token):
+        def progress(event):
+            report(event)
+            hook(event)
+        return generate(engine_manager, None, request, progress, token)
+
+    jobs = JobQueue(run)
+    settings = Settings(data_dir=tmp_path / "data", models_dir=engine_models, api=True)
+    yield SimpleNamespace(settings=settings, registry=engine_manager.registry, manager=engine_manager, jobs=jobs,
+                          prompts=None, hook=hook)
+    jobs.stop()
+
+
+WAIT_S = 600  # only reached when something hangs; a busy CI machine can take long per step
+ENGINE_BODY = {"prompt": "a red square", "negative_prompt": "", "steps": 2, "cfg_scale": 5, "width": 64,
+               "height": 64, "seed": 11, "sampler_name": "Euler", "n_iter": 3}
+
+
+def pixels_of(data) -> list:
+    return [np.asarray(decode(b64).convert("RGB")) for b64 in data["images"]]
+
+
+def post_in_background(client, path, body=None):
+    outcome = {}
+
+    def call():
+        outcome["response"] = client.post(path, json=body)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    return thread, outcome
+
+
+def test_skip_ends_only_the_current_image_and_the_batch_goes_on(engine_ctx):
+    client = make_client(engine_ctx)
+    plain = client.post("/sdapi/v1/txt2img", json=ENGINE_BODY).json()
+
+    def run_with(route):
+        """The same request; during image 1, step 1, `route` is posted (the worker waits for it)."""
+        posted = threading.Event()
+        engine_ctx.hook.at = (0, 1)
+        engine_ctx.hook.action = lambda: posted.wait(WAIT_S)
+        thread, outcome = post_in_background(client, "/sdapi/v1/txt2img", ENGINE_BODY)
+        deadline = time.monotonic() + WAIT_S
+        while engine_ctx.hook.at is not None:  # the worker reached image 1, step 1
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.01)
+        progress = client.get("/sdapi/v1/progress").json()
+        assert client.post(f"/sdapi/v1/{route}").json() == {}
+        after = client.get("/sdapi/v1/progress").json()
+        posted.set()
+        thread.join(WAIT_S)
+        return outcome["response"].json(), progress, after
+
+    skipped, during, after_skip = run_with("skip")
+    assert during["state"]["sampling_step"] == 1 and during["state"]["skipped"] is False
+    assert after_skip["state"]["skipped"] is True and after_skip["state"]["interrupted"] is False
+    interrupted, _, _ = run_with("interrupt")
+    full, cut, rest = pixels_of(plain), pixels_of(skipped), pixels_of(interrupted)
+    assert json.loads(skipped["info"])["all_seeds"] == [11, 12, 13] and len(full) == 3
+    # A1111: the skipped image comes back as sampled so far, the others in full.
+    assert len(rest) == 1 < len(cut) == 3
+    assert not np.array_equal(cut[0], full[0]) and np.array_equal(rest[0], cut[0])
+    assert np.array_equal(cut[1], full[1]) and np.array_equal(cut[2], full[2])
+    assert json.loads(skipped["info"])["interrupted"] is False and json.loads(interrupted["info"])["interrupted"]
+
+
+def test_unload_and_reload_checkpoint(engine_ctx):
+    client = make_client(engine_ctx)
+    client.post("/sdapi/v1/txt2img", json={**ENGINE_BODY, "n_iter": 1, "steps": 1})
+    assert engine_ctx.manager.snapshot()["checkpoint"] == "tinyA.safetensors"
+    loads = dict(engine_ctx.manager.load_counts)
+    assert client.post("/sdapi/v1/unload-checkpoint").json() is None
+    assert engine_ctx.manager.snapshot()["checkpoint"] is None
+    assert client.post("/sdapi/v1/reload-checkpoint").json() is None
+    assert engine_ctx.manager.snapshot()["checkpoint"] == "tinyA.safetensors"
+    assert dict(engine_ctx.manager.load_counts) == loads  # back from the RAM cache, not from disk
+
+
+@pytest.mark.parametrize("route, body", [("options", {"sd_model_checkpoint": "tinyB"}), ("reload-checkpoint", None)])
+def test_a_load_asked_for_during_a_job_waits_for_it_and_leaves_its_result_alone(engine_ctx, route, body):
+    client = make_client(engine_ctx)
+    request = {**ENGINE_BODY, "n_iter": 1}
+    # Both checkpoints in the RAM cache first: a swap would then take a moment, not a disk read.
+    client.post("/sdapi/v1/txt2img", json={**request, "steps": 1, "override_settings": {"sd_model_checkpoint": "tinyB"}})
+    alone = pixels_of(client.post("/sdapi/v1/txt2img", json=request).json())
+    if route == "reload-checkpoint":
+        client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tinyB"})  # what reload brings back
+    load = {}
+
+    def ask_for_a_load():
+        """On the worker, mid-job (it holds the engine): the POST starts and gets 3 s to finish."""
+        load["thread"], load["outcome"] = post_in_background(client, f"/sdapi/v1/{route}", body)
+        load["thread"].join(3.0)
+        load["done_during_job"] = not load["thread"].is_alive()
+
+    engine_ctx.hook.at, engine_ctx.hook.action = (0, 2), ask_for_a_load
+    during = client.post("/sdapi/v1/txt2img", json={**request, "override_settings": {"sd_model_checkpoint": "tinyA"}})
+    load["thread"].join(WAIT_S)
+    assert load["done_during_job"] is False  # it waited for the job
+    assert load["outcome"]["response"].status_code == 200
+    assert json.loads(during.json()["info"])["sd_model_name"] == "tinyA"
+    assert all(np.array_equal(a, b) for a, b in zip(alone, pixels_of(during.json())))
+    assert engine_ctx.manager.snapshot()["checkpoint"] == "tinyB.safetensors"  # loaded once the job was done
 
