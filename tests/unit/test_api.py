@@ -632,6 +632,25 @@ def test_fetch_reads_the_image_from_the_checked_address_without_redirects(tmp_pa
         server.shutdown()
 
 
+# --- README: the flag and every route are documented -----------------------------------------------
+
+def test_readme_documents_the_api_flags_and_every_rest_route(client):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    lines = readme.splitlines()
+    (api_row,) = [line for line in lines if line.startswith("| `--api` ")]
+    assert "later version" not in api_row and "/sdapi/v1" in api_row
+    assert any(line.startswith("| `--api-auth ") for line in lines)
+    section = readme.split("\n## AUTOMATIC1111 REST API")[1].split("\n## ")[0]
+    paths = client.get("/openapi.json").json()["paths"]
+    names = [path.removeprefix("/sdapi/v1/").removeprefix("/controlnet/") for path in paths]
+    names = [name for name in names if "/" not in name and "{" not in name]  # extension install routes: their own section
+    assert len(names) == 40  # 34 /sdapi/v1 routes (GET and POST options are one path) + 6 /controlnet
+    missing = [name for name in names if f"`{name}`" not in section and f"/{name}`" not in section]
+    assert missing == []
+
+
 # --- ControlNet units: legacy aliases and masks ----------------------------------------------------
 
 def unit_request(client, ctx, unit, path="txt2img"):
