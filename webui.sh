@@ -31,15 +31,11 @@ create_venv() {
     fi
 }
 
-# torch first, so the rest of requirements.txt does not pull a different build. Without an
-# NVIDIA GPU this is the CPU build; with one, the requirements range (a CUDA build from PyPI).
-torch_requirement() {
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        grep -E '^torch[<>=!~ ]' requirements.txt | head -n 1
-    else
-        echo "torch==2.13.0"
-    fi
-}
+# torch first, so the rest of requirements.txt does not pull a different build: one pinned
+# torch + torchvision pair on every machine (CPU or NVIDIA GPU). torchvision is what spandrel
+# (upscalers) and controlnet_aux (ControlNet annotators) need, and 2.14.1 + 0.29.1 is the newest
+# pair that installs together here; the same build runs on the CPU when there is no GPU.
+TORCH_PACKAGES=(torch==2.14.1 torchvision==0.29.1)
 
 stamp_of() {  # a hash of the given files plus extra words: changes when any of them changes
     local extra="$1"
@@ -48,14 +44,13 @@ stamp_of() {  # a hash of the given files plus extra words: changes when any of 
 }
 
 install_app() {
-    local torch_req stamp_file="$VENV/.easel-installed" stamp
-    torch_req="$(torch_requirement)"
-    stamp="$(stamp_of "$torch_req" requirements.txt requirements-nodeps.txt)"
+    local stamp_file="$VENV/.easel-installed" stamp
+    stamp="$(stamp_of "${TORCH_PACKAGES[*]}" requirements.txt requirements-nodeps.txt)"
     if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp" ]]; then
         return
     fi
-    say "installing $torch_req and requirements.txt (the first time takes a few minutes)"
-    "$PY" -m pip install -q "$torch_req"
+    say "installing ${TORCH_PACKAGES[*]} and requirements.txt (the first time takes a few minutes)"
+    "$PY" -m pip install -q "${TORCH_PACKAGES[@]}"
     "$PY" -m pip install -q -r requirements.txt
     "$PY" -m pip install -q --no-deps -r requirements-nodeps.txt
     echo "$stamp" > "$stamp_file"
