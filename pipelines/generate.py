@@ -2,6 +2,7 @@
 and saving. The sampling loop is diffusers' own; we only drive it through its callbacks."""
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from pipelines import hires, imageops, memory, refiner, samplers
+from pipelines import faults, hires, imageops, memory, refiner, samplers
 from pipelines.adapters import attach as adapters
 from pipelines.control import apply as control
 from pipelines.hooks import NO_HOOKS, GenerationHooks, StepInfo
@@ -30,6 +31,7 @@ PREVIEW_EVERY = 2  # steps between live previews
 COMPILE_NOTE = "fast mode: compiling for this image size, once"
 PREVIEW_MIN_INTERVAL_S = 0.3  # and at most ~3 a second: on fast models previews were 20% of the time
 _CATEGORY = {"txt2img": "txt2img-images", "img2img": "img2img-images", "inpaint": "img2img-images"}
+log = logging.getLogger("easel.generate")
 
 
 def resolve_seed(seed: int, rng: random.Random | None = None) -> int:
@@ -68,8 +70,9 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
             if manager.fast.compile_pending((request.task, request.width, request.height, request.batch_size)):
                 progress(Progress(step=0, total_steps=request.steps, batch_index=batch_index,
                                   batch_count=request.batch_count, note=COMPILE_NOTE))
-            batch = _run_batch(active, request, batch_seeds, batch_index, progress, cancel, control_kwargs, hooks,
-                               manager, batch_prompts)
+            batch = _run_batch_or_retry_sliced(
+                active, request, batch_seeds, batch_index, progress, cancel, control_kwargs, hooks, manager,
+                batch_prompts)
             cancel.batch_done()  # a Skip ended this batch only; the next one samples in full
             for image, seed, image_prompt in zip(batch, batch_seeds, batch_prompts):
                 image = hooks.after_image(image, request)
@@ -87,6 +90,21 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
 
 
 # --- one batch -----------------------------------------------------------------------------
+
+def _run_batch_or_retry_sliced(active: ActivePipeline, *args) -> list[Image.Image]:
+    """One batch; when it runs out of memory, once more with sliced attention and VAE slicing
+    (taken off again after). A second out-of-memory error goes to the job as usual."""
+    try:
+        return _run_batch(active, *args)
+    except Exception as exc:
+        if not faults.is_out_of_memory(exc):
+            raise
+        exc.__traceback__ = None  # its frames hold the tensors that filled the memory
+    log.warning("out of memory: trying the batch again with attention and VAE slicing")
+    faults.free_device_memory()
+    with memory.sliced_for_retry(active.pipe):
+        return _run_batch(active, *args)
+
 
 def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[int], batch_index: int,
                progress: ProgressSink, cancel: CancelToken, extra: dict | None = None,

@@ -3,7 +3,9 @@
 - `medvram`: diffusers' model CPU offload (each model moves to the device only while it runs);
 - `lowvram`: sequential CPU offload (layer by layer: slowest, least memory);
 - VAE tiling + slicing switch on by themselves for images past `vae_tile_above_pixels`
-  (decoding a big image in tiles keeps the VAE's activations bounded; seams are blended).
+  (decoding a big image in tiles keeps the VAE's activations bounded; seams are blended);
+- attention slicing fallback: a batch that runs out of memory is tried once more with sliced
+  attention and VAE slicing (`sliced_for_retry`), which are taken off again after.
 On a CPU device the offload modes change nothing (everything already lives in RAM) and say so
 once in the log. Offload hooks and the VAE flags are removed after the request, so the cached
 modules go back to how the manager keeps them.
@@ -92,3 +94,27 @@ def vae_tiling(vae: Any, enabled: bool) -> Iterator[None]:
         yield
     finally:
         vae.use_tiling, vae.use_slicing = before
+
+
+@contextmanager
+def sliced_for_retry(pipe: Any) -> Iterator[None]:
+    """Sliced attention (`pipe.enable_attention_slicing()`) and VAE slicing for one retry after
+    an out-of-memory error; every model's attention processors and the VAE's flag come back after."""
+    from pipelines.prompts import composable
+
+    composable.uninstall(pipe)  # an AND wrapper left by the failed try: slice the real UNet
+    models = [m for m in pipe.components.values()
+              if isinstance(m, torch.nn.Module) and hasattr(m, "set_attention_slice") and hasattr(m, "attn_processors")]
+    processors = [(m, m.attn_processors) for m in models]
+    vae = getattr(pipe, "vae", None)
+    vae_slicing = getattr(vae, "use_slicing", None)
+    pipe.enable_attention_slicing()
+    if vae is not None and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
+    try:
+        yield
+    finally:
+        for model, saved in processors:
+            model.set_attn_processor(saved)
+        if vae_slicing is not None:
+            vae.use_slicing = vae_slicing

@@ -77,3 +77,93 @@ def test_offload_modes_are_noops_on_cpu_with_a_log_line(tinyworld_engine, caplog
         tinyworld_engine.memory = original
     assert np.array_equal(got, expected)
     assert "--lowvram: no effect on cpu" in caplog.text
+
+
+# --- --medvram / --lowvram wiring on a (fake) CUDA device ----------------------------------------
+
+class _LoggingModule(torch.nn.Module):
+    def __init__(self, name, log):
+        super().__init__()
+        self.name, self.log = name, log
+
+    def to(self, *args, **kwargs):  # no CUDA here: record where the manager puts it
+        self.log.append(("to", self.name, args[0] if args else kwargs.get("device")))
+        return self
+
+
+class _OffloadPipe:
+    """What MemoryPlan.offload touches on a diffusers pipeline, recorded."""
+
+    def __init__(self):
+        self.log = []
+        self.components = {"unet": _LoggingModule("unet", self.log), "vae": _LoggingModule("vae", self.log),
+                           "tokenizer": object(), "scheduler": object()}
+
+    def enable_model_cpu_offload(self, device):
+        self.log.append(("model offload", device))
+
+    def enable_sequential_cpu_offload(self, device):
+        self.log.append(("sequential offload", device))
+
+    def remove_all_hooks(self):
+        self.log.append(("hooks removed",))
+
+
+@pytest.mark.parametrize("mode, offload", [("medvram", "model offload"), ("lowvram", "sequential offload")])
+def test_offload_modes_on_cuda_offload_then_remove_hooks_and_put_modules_back(mode, offload):
+    cuda = torch.device("cuda")
+    plan = MemoryPlan(MemoryOptions(mode=mode))
+    pipe = _OffloadPipe()
+    with plan.offload(pipe, cuda):
+        assert pipe.log == [(offload, cuda)]  # during the request: offloaded, nothing else
+    assert pipe.log == [(offload, cuda), ("hooks removed",), ("to", "unet", cuda), ("to", "vae", cuda)]
+    failing = _OffloadPipe()
+    with pytest.raises(RuntimeError, match="boom"):
+        with plan.offload(failing, cuda):
+            raise RuntimeError("boom")
+    assert failing.log[1:] == [("hooks removed",), ("to", "unet", cuda), ("to", "vae", cuda)]  # also after a failure
+    normal = _OffloadPipe()
+    with MemoryPlan(MemoryOptions()).offload(normal, cuda):
+        pass
+    assert normal.log == []
+
+
+# --- attention slicing fallback after out of memory ---------------------------------------------
+
+def _processor_names(unet) -> set[str]:
+    return {type(p).__name__ for p in unet.attn_processors.values()}
+
+
+def test_out_of_memory_is_retried_once_with_attention_and_vae_slicing_then_restored(tinyworld_engine, monkeypatch,
+                                                                                     caplog):
+    request = GenerationRequest(prompt="a red square", checkpoint="tw.safetensors", width=64, height=64, steps=3,
+                                seed=4, sampler="Euler", save_images=False)
+    expected = np.asarray(generate(tinyworld_engine, None, request).images[0], dtype=np.int16)
+    with tinyworld_engine.pipeline("txt2img", "tw.safetensors") as active:
+        unet, vae = active.pipe.unet, active.pipe.vae
+    before = _processor_names(unet)
+    seen = []  # the UNet's attention processors at each of its calls
+    hook = unet.register_forward_pre_hook(lambda module, _args: seen.append(_processor_names(module)))
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    raised = []
+
+    def sdpa_out_of_memory_once(*args, **kwargs):
+        if seen and not raised:  # the first attention inside the first UNet pass (not the text encoder's)
+            raised.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa_out_of_memory_once)
+    try:
+        with caplog.at_level("WARNING", logger="easel.generate"):
+            got = np.asarray(generate(tinyworld_engine, None, request).images[0], dtype=np.int16)
+    finally:
+        hook.remove()
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", real_sdpa)
+    assert raised and "trying the batch again with attention and VAE slicing" in caplog.text
+    assert seen[0] == before and all(names == {"SlicedAttnProcessor"} for names in seen[1:])  # the retry was sliced
+    assert len(seen) == 1 + 3  # one failed call, then the 3 steps (CFG in one batch)
+    assert np.abs(got - expected).max() <= 2  # slicing is the same maths in pieces
+    assert _processor_names(unet) == before and not vae.use_slicing  # restored after
+    again = np.asarray(generate(tinyworld_engine, None, request).images[0], dtype=np.int16)
+    assert np.array_equal(again, expected)

@@ -45,7 +45,7 @@ def test_out_of_memory_frees_memory_says_what_to_do_and_the_next_request_is_unch
 
     def conv2d_out_of_memory(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:  # in the middle of the first UNet pass
+        if len(calls) >= 3:  # from the middle of the first UNet pass on: the sliced retry fails too
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_conv(*args, **kwargs)
 
@@ -53,7 +53,7 @@ def test_out_of_memory_frees_memory_says_what_to_do_and_the_next_request_is_unch
     with pytest.raises(ValueError) as raised:
         queue.submit(request(checkpoint="tinyA"), "a").result(60)
     monkeypatch.setattr(torch.nn.functional, "conv2d", real_conv)
-    assert str(raised.value) == OUT_OF_MEMORY and freed == [True]
+    assert str(raised.value) == OUT_OF_MEMORY and freed == [True, True]  # before the retry, after it
     assert all(count == 0 for count in locks(manager).values())
     assert manager.snapshot() == snapshot
     after = queue.submit(request(checkpoint="tinyA"), "a").result(60).images[0]
