@@ -94,10 +94,11 @@ def load_app_extensions(settings):
 
 
 def start_extensions(fastapi_app, ctx) -> None:
-    """After launch: mount extension routes under /ext/<name>/, then app_started hooks."""
+    """After launch: mount extension routes under /ext/<name>/ (behind the UI login or the
+    API's HTTP Basic users, like every other route), then app_started hooks."""
     from extensions.routes import mount_extension_routes
 
-    mount_extension_routes(fastapi_app, ctx.extensions)
+    mount_extension_routes(fastapi_app, ctx.extensions, api_authenticator(ctx.settings, ctx.authenticator))
     ctx.extensions.hooks().app_started(fastapi_app)
 
 

@@ -7,10 +7,22 @@ GIT = ["git", "-c", "user.name=Easel Test", "-c", "user.email=test@easel.invalid
        "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"]
 
 SAMPLE_TEMPLATE = '''
-from PIL import ImageDraw
+from PIL import ImageDraw, ImageOps
 
 BORDER = {border!r}
 SEED_SHIFT = {seed_shift}
+SAMPLER = "Sample DDIM trailing"
+made_schedulers = []  # what the sampler built (the tests check it ran)
+
+
+def trailing_ddim(config):
+    # a diffusers scheduler class with a config tweak: DDIM on "trailing" timesteps
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config({{**config, "timestep_spacing": "trailing", "clip_sample": False,
+                                           "set_alpha_to_one": False}})
+    made_schedulers.append(scheduler)
+    return scheduler
 
 
 def register(api):
@@ -34,7 +46,8 @@ def register(api):
         return image
 
     api.add_infotext_field("Sample ext", lambda request: {version!r})
-    api.add_preprocessor("sample-invert", lambda image: image)
+    api.add_preprocessor("sample-invert", lambda image: ImageOps.invert(image))
+    api.add_sampler(SAMPLER, trailing_ddim)
     api.add_route("ping", lambda: {{"version": {version!r}}})
 '''
 
