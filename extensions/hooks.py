@@ -17,6 +17,16 @@ from pipelines.request import GenerationRequest
 log = logging.getLogger("easel.extensions")
 
 ErrorSink = Callable[[str, str, BaseException], None]  # (extension, hook, exception)
+# Keys Easel itself writes (some only for some requests, "Seed" after the extensions' fields):
+# an extension's field never replaces them, whether or not this request has them.
+EASEL_INFOTEXT_KEYS = frozenset({
+    "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size",
+    "Size-1", "Size-2", "Model hash", "Model", "VAE hash", "VAE", "Denoising strength", "Clip skip",
+    "Emphasis", "RNG", "Mask blur", "Mask mode", "Inpaint area", "Masked area padding", "Masked content",
+    "Lora hashes", "TI hashes", "Hypernet", "Hypernet hash", "Hypernet hashes", "Hires upscale",
+    "Hires resize", "Hires steps", "Hires upscaler", "Hires checkpoint", "Hires sampler", "Hires prompt",
+    "Hires negative prompt", "Refiner", "Refiner switch at", "GLIGEN", "GLIGEN boxes", "Styles array",
+    "Version"})
 
 
 class ExtensionHooks(GenerationHooks):
@@ -77,8 +87,8 @@ class ExtensionHooks(GenerationHooks):
         params = dict(params)
         for ext, key, value_of in self._infotext_fields:
             try:
-                if key in params:
-                    raise ValueError(f"infotext key '{key}' is already used")
+                if key in params or key in EASEL_INFOTEXT_KEYS or key.startswith("ControlNet "):
+                    raise ValueError(f"infotext key '{key}' is Easel's own or already used: pick another key")
                 value = value_of(request)
                 if value is not None:
                     params[key] = value

@@ -336,3 +336,75 @@ def test_restart_button_calls_the_launchers_restart_only_when_allowed(tmp_path):
     with pytest.raises(PermissionError):
         exposed.restart(None)
     assert restarted == [1]
+
+
+SAMPLE_SAMPLER = "Sample DDIM trailing"  # tests/extension_repos.py: DDIM on trailing timesteps
+
+
+def test_an_extension_sampler_is_listed_accepted_and_runs_and_goes_when_disabled(engine, tmp_path):
+    from diffusers import DDIMScheduler
+
+    from api.listings import sampler_list
+    from pipelines import samplers
+
+    manager, _ = engine
+    write_extension(tmp_path / "exts" / "sample", name="sample")
+    exts = load_extensions(tmp_path / "none", tmp_path / "exts")
+    additions = exts.additions()
+    made = exts.find("sample").registered.samplers[SAMPLE_SAMPLER].__globals__["made_schedulers"]
+    assert SAMPLE_SAMPLER in samplers.sampler_names(additions.samplers)
+    assert {"name": SAMPLE_SAMPLER, "aliases": [], "options": {"extension": "sample"}} in sampler_list(additions.samplers)
+
+    request = GenerationRequest(**{**BASE, "sampler": SAMPLE_SAMPLER, "seed": 100}, additions=additions)
+    result = generate(manager, None, request)
+    # the extension's scheduler drove the run: built once, its timesteps set by the pipeline
+    assert len(made) == 1 and type(made[0]) is DDIMScheduler
+    assert made[0].timesteps.tolist() == [999, 499] and "Sampler: Sample DDIM trailing" in result.infotexts[0]
+    builtin_ddim = run(manager, sampler="DDIM", seed=100).images[0]  # leading timesteps 501, 1
+    assert np.abs(np.asarray(result.images[0], int) - np.asarray(builtin_ddim, int)).max() > 0
+    again = generate(manager, None, request.with_changes(seed=100))
+    assert again.images[0].tobytes() == result.images[0].tobytes() and len(made) == 2
+
+    gone = load_extensions(tmp_path / "none", tmp_path / "exts", {"sample"}).additions()
+    assert SAMPLE_SAMPLER not in samplers.sampler_names(gone.samplers)
+    with pytest.raises(ValueError, match=f"Unknown sampler '{SAMPLE_SAMPLER}'"):
+        GenerationRequest(**{**BASE, "sampler": SAMPLE_SAMPLER}, additions=gone)
+
+
+SAVE_AND_LOAD_RAISE = '''
+def register(api):
+    def boom(*args):
+        raise RuntimeError("io hook exploded")
+    api.on("image_saved", boom)
+    api.on("model_loaded", boom)
+'''
+SEED_TAKER = '''
+def register(api):
+    api.add_infotext_field("Seed", lambda request: 12345)
+    api.add_infotext_field("Taker", lambda request: "yes")
+'''
+
+
+def test_raising_save_and_load_hooks_and_a_taken_infotext_key_leave_the_generation_alone(
+        tiny_models_dir, tmp_path, caplog):
+    from tests.integration.conftest import make_engine
+
+    write_extension(tmp_path / "exts" / "io-raise", name="io-raise", body=SAVE_AND_LOAD_RAISE)
+    write_extension(tmp_path / "exts" / "seed-taker", name="seed-taker", body=SEED_TAKER)
+    exts = load_extensions(tmp_path / "none", tmp_path / "exts")
+    manager, outputs = make_engine(tiny_models_dir, tmp_path / "data")  # fresh: the checkpoint loads
+    with caplog.at_level("ERROR", logger="easel.extensions"):
+        result = run(manager, hooks=exts.hooks(), outputs=outputs, seed=7, save_images=True)
+    assert result.seeds == [7] and len(result.paths) == 1 and result.paths[0].is_file()
+    errors = exts.find("io-raise").hook_errors
+    assert [e.split(":")[0] for e in errors] == ["model_loaded", "image_saved"]
+    assert all("RuntimeError: io hook exploded" in e for e in errors)
+    logged = [r.getMessage() for r in caplog.records]
+    assert "extension 'io-raise': hook model_loaded failed; going on without it" in logged
+    assert "extension 'io-raise': hook image_saved failed; going on without it" in logged
+
+    fields = parse_infotext(result.infotexts[0])
+    assert str(fields["Seed"]) == "7" and fields["Taker"] == "yes"  # the engine's seed, not 12345
+    assert exts.find("seed-taker").hook_errors == [
+        "infotext field Seed: ValueError: infotext key 'Seed' is Easel's own or already used: pick another key"]
+    assert "extension 'seed-taker': hook infotext field Seed failed; going on without it" in logged
