@@ -83,6 +83,9 @@ class ExtensionActions:
         result = self.installer.install(source, branch or None, commit or None)
         lines = [f"Installed **{result.name}** {result.manifest.version}"
                  + (f" at {result.commit[:8]}" if result.commit else "") + ". Restart Easel to load it."]
+        if not result.manifest.api_compatible:
+            lines.append(f"**Warning:** {result.manifest.api_mismatch_message()}. It stays installed "
+                         f"but will not load.")
         if result.skipped_scripts:
             lines.append(f"It contains {', '.join(result.skipped_scripts)}, which Easel does not run: "
                          f"read it before running it yourself.")
@@ -112,7 +115,11 @@ class ExtensionActions:
 
     def update(self, name: str, username: str | None) -> str:
         check_extension_access(self.settings, username)
-        return f"{name}: {self.installer.update(name).message}"
+        message = f"{name}: {self.installer.update(name).message}"
+        manifest = self._on_disk(name).manifest
+        if manifest is not None and not manifest.api_compatible:
+            message += f"\n\n**Warning:** {manifest.api_mismatch_message()}. It will not load."
+        return message
 
     def set_enabled(self, name: str, enabled: bool, username: str | None) -> str:
         check_extension_access(self.settings, username)

@@ -110,9 +110,15 @@ class Installer:
         try:
             target = staging / "ext"
             local = Path(source).expanduser()
-            if local.suffix.lower() == ".zip" and local.is_file():
+            is_zip = local.suffix.lower() == ".zip" and local.is_file()
+            is_folder = local.is_dir() and not (local / ".git").exists()
+            if (is_zip or is_folder) and (branch or commit):
+                what = "a .zip file" if is_zip else "a folder that is not a git repository"
+                raise ValueError(f"{source} is {what}: a branch or commit applies to git sources only; "
+                                 f"leave them empty (or install from a git URL)")
+            if is_zip:
                 _extract_zip(local, target)
-            elif local.is_dir() and not (local / ".git").exists():
+            elif is_folder:
                 shutil.copytree(local, target, ignore=shutil.ignore_patterns(".git"))
             else:
                 self._clone(source, target, branch, commit)

@@ -113,6 +113,8 @@ class ExtensionSet:
 
 def _taken(record: ExtensionRecord, what: str) -> None:
     error = ValueError("another extension added it first; this one is left out")
+    if f"{what}: ValueError: {error}" in record.hook_errors:
+        return  # additions() built again: reported once
     log.error("extension '%s': %s: %s", record.name, what, error)
     record.record_hook_error(what, error)
 

@@ -110,3 +110,186 @@ def test_index_from_a_url_is_searched(tmp_path):
     assert [e.name for e in entries] == ["border", "named-by-url"]
     assert [e.name for e in search_index(entries, "IMAGE frames")] == ["border"]
     assert search_index(entries, "") == entries
+
+
+# --- what extensions add to the engine: samplers and preprocessors ------------------------------
+
+def _load(tmp_path, body_by_name, disabled=frozenset()):
+    from extensions.loader import load_extensions
+    from tests.extension_repos import write_extension
+
+    for name, body in body_by_name.items():
+        write_extension(tmp_path / "exts" / name, name=name, body=body)
+    return load_extensions(tmp_path / "none", tmp_path / "exts", set(disabled))
+
+
+SAMPLERS = '''
+def register(api):
+    from diffusers import EulerDiscreteScheduler
+
+    api.add_sampler("Euler trailing", lambda config: EulerDiscreteScheduler.from_config(
+        {**config, "timestep_spacing": "trailing"}))
+    api.add_sampler("Not a scheduler", lambda config: "nope")
+'''
+
+
+def test_extension_samplers_are_offered_validated_and_built(tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    from pipelines import samplers
+    from pipelines.request import GenerationRequest
+
+    # loaded in name order: "trailing" first, "twice" second adds the same name again
+    exts = _load(tmp_path, {"trailing": SAMPLERS, "twice": SAMPLERS.replace("Not a scheduler", "Other")})
+    table = exts.additions().samplers
+    assert samplers.sampler_names(table)[-3:] == ["Euler trailing", "Not a scheduler", "Other"]
+    assert exts.find("twice").hook_errors == [
+        "sampler 'Euler trailing': ValueError: another extension added it first; this one is left out"]
+    exts.additions()
+    assert len(exts.find("twice").hook_errors) == 1  # reported once however often the tables are built
+    assert samplers.schedules_for("euler TRAILING", table) == ["Automatic"]
+
+    request = GenerationRequest(sampler="euler trailing", additions=exts.additions())
+    assert (request.sampler, request.schedule) == ("Euler trailing", "Automatic")
+    assert "additions" not in request.to_dict()
+    assert request.with_changes(steps=3).additions.samplers.names() == table.names()
+    with pytest.raises(ValueError, match="Unknown sampler 'Euler trailing'"):  # Easel alone does not know it
+        GenerationRequest(sampler="Euler trailing")
+    with pytest.raises(ValueError, match="sets its own schedule"):
+        GenerationRequest(sampler="Euler trailing", schedule="Karras", additions=exts.additions())
+
+    # the checkpoint's model keys only: a previous request's sigma settings never leak in
+    base = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "use_karras_sigmas": True}
+    scheduler = samplers.make_scheduler("Euler trailing", "Automatic", base, table=table)
+    assert type(scheduler) is EulerDiscreteScheduler
+    assert (scheduler.config.timestep_spacing, scheduler.config.use_karras_sigmas) == ("trailing", False)
+    with pytest.raises(ValueError, match="'Not a scheduler' \\(extension 'trailing'\\) returned str"):
+        samplers.make_scheduler("Not a scheduler", None, base, table=table)
+
+    assert _load(tmp_path, {}, disabled={"trailing", "twice"}).additions().samplers.names() == []
+    api = ExtensionAPI("clash")
+    for taken in ("Euler a", "k_euler", "DPM++ 2M Karras"):
+        with pytest.raises(ValueError, match="already Easel's"):
+            api.add_sampler(taken, print)
+
+
+def test_extension_preprocessor_in_lookup_and_detect(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.control import preprocessors
+
+    exts = _load(tmp_path, {"inv": (
+        "from PIL import ImageOps\n\n"
+        "def register(api):\n"
+        "    api.add_preprocessor('My-Invert', lambda image: ImageOps.invert(image))\n"
+        "    api.add_preprocessor('halves', lambda image: __import__('numpy').zeros((4, 4)))\n")})
+    table = exts.additions().preprocessors
+    assert preprocessors.names(table)[-2:] == ["my-invert", "halves"]
+    assert preprocessors.get("My-Invert", table).source == "inv"
+    with pytest.raises(ValueError, match="unknown ControlNet preprocessor 'my-invert'"):
+        preprocessors.get("my-invert")
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    detected = preprocessors.detect("my-invert", Image.fromarray(pixels), resolution=-1, table=table)
+    assert np.array_equal(np.asarray(detected), 255 - pixels)
+    assert np.asarray(preprocessors.detect("my-invert", Image.fromarray(pixels), resolution=24, table=table)).shape \
+        == (24, 32, 3)  # at the requested resolution, like Easel's own
+    with pytest.raises(ValueError, match="'halves' \\(extension 'inv'\\) returned ndarray \\(4, 4\\)"):
+        preprocessors.detect("halves", Image.fromarray(pixels), table=table)
+    with pytest.raises(ValueError, match="already Easel's"):
+        ExtensionAPI("clash").add_preprocessor("Canny", print)
+
+
+# --- README, installer, requirements -----------------------------------------------------------
+
+def _readme_blocks(language: str) -> dict[str, str]:
+    """The README's fenced code blocks of `language`, by the section title above them."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "extensions" / "README.md").read_text()
+    blocks, section = {}, ""
+    for match in re.finditer(rf"^## ([^\n]+)$|^```{language}\n(.*?)^```", text, re.M | re.S):
+        if match[1]:
+            section = match[1].strip()
+        else:
+            blocks.setdefault(section, match[2])
+    return blocks
+
+
+def test_the_readme_minimal_example_loads_and_draws_its_border(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from extensions.loader import load_extensions
+    from pipelines.request import GenerationRequest
+
+    folder = tmp_path / "exts" / "border"
+    folder.mkdir(parents=True)
+    (folder / "extension.toml").write_text(_readme_blocks("toml")["extension.toml"])
+    (folder / "__init__.py").write_text(_readme_blocks("python")["Minimal example"])
+    exts = load_extensions(tmp_path / "none", tmp_path / "exts", setting_values={"border": {"colour": "blue"}})
+    record = exts.find("border")
+    assert record.loaded, record.error
+    hooks = exts.hooks()
+    request = GenerationRequest(width=64, height=64)
+    image = hooks.after_image(Image.new("RGB", (32, 32), "white"), request)
+    pixels = np.asarray(image)
+    assert (pixels[0] == (0, 0, 255)).all() and (pixels[:, -1] == (0, 0, 255)).all()
+    assert (pixels[2:-2, 2:-2] == 255).all()  # only the 2-pixel frame
+    assert hooks.extend_infotext(request, {"Steps": 20}) == {"Steps": 20, "Border": "blue"}
+    assert record.hook_errors == []
+
+
+def test_branch_or_commit_for_a_zip_or_plain_folder_is_refused(tmp_path):
+    import shutil
+
+    from tests.extension_repos import write_extension
+
+    folder = write_extension(tmp_path / "src" / "plain", name="plain")
+    archive = shutil.make_archive(str(tmp_path / "plain"), "zip", root_dir=tmp_path / "src")
+    installer = Installer(tmp_path / "exts")
+    with pytest.raises(ValueError, match="is a folder that is not a git repository: a branch or commit "
+                                         "applies to git sources only"):
+        installer.install(str(folder), branch="main")
+    with pytest.raises(ValueError, match="is a .zip file: a branch or commit applies to git sources only"):
+        installer.install(archive, commit="abc123")
+    assert sorted(p.name for p in (tmp_path / "exts").iterdir()) == []
+    assert installer.install(archive).name == "plain"  # without them it installs
+
+
+def test_installing_an_extension_for_another_api_version_warns(tmp_path):
+    from extensions.actions import ExtensionActions
+    from extensions.loader import ExtensionSet
+    from tests.extension_repos import write_extension
+
+    from types import SimpleNamespace
+
+    from ui.extensions_tab import install_handler
+
+    actions = ExtensionActions(Settings(data_dir=tmp_path / "data"), ExtensionSet([]), tmp_path / "none")
+    # what the tab's Install button shows in its message area
+    message = install_handler(actions, str(write_extension(tmp_path / "old", name="old", api_version=0)), "", "",
+                              SimpleNamespace(username=None))
+    assert ("**Warning:** extension 'old' needs extension API v0, Easel provides v1: update the extension "
+            "(or Easel). It stays installed but will not load.") in message
+    current = actions.install(str(write_extension(tmp_path / "new", name="new")), "", "", None)
+    assert "Warning" not in current
+
+
+def test_requirements_text_shows_declared_ones_and_marks_missing(tmp_path):
+    from extensions.actions import ExtensionActions
+    from extensions.loader import ExtensionSet
+    from tests.extension_repos import write_extension
+    from ui.extensions_tab import requirements_text
+
+    actions = ExtensionActions(Settings(data_dir=tmp_path / "data"), ExtensionSet([]), tmp_path / "none")
+    actions.install(str(write_extension(tmp_path / "needs", name="needs")), "", "", None)
+    none = write_extension(tmp_path / "bare", name="bare")
+    (none / "extension.toml").write_text('name = "bare"\nversion = "1"\napi_version = 1\n')
+    actions.install(str(none), "", "", None)
+    assert requirements_text(actions, "needs").splitlines() == [
+        "packaging>=20", "easel-surely-not-installed-pkg==0.0.1   <- missing"]
+    assert requirements_text(actions, "bare") == "(none declared)"
+    assert requirements_text(actions, "ghost") == "no extension named 'ghost'"
+    assert requirements_text(actions, "") == ""
