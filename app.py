@@ -47,7 +47,8 @@ def build_context(settings):
                               memory=memory_options(settings))
     outputs = open_outputs(settings)
     extensions = load_app_extensions(settings)
-    prompts = PromptSource.for_data_dir(settings.data_dir)  # styles.csv + wildcards/
+    prompts = PromptSource.for_data_dir(settings.data_dir,  # styles.csv + wildcards/
+                                        sdxl_clip_l_skip=settings.sdxl_clip_l_skip)
     hooks = extensions.hooks()
 
     def run(request, progress, cancel):

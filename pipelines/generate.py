@@ -21,7 +21,7 @@ from pipelines.manager import ActivePipeline, PipelineManager
 from pipelines.metadata import format_infotext
 from pipelines.outputs import OutputStore
 from pipelines.preview import latent_preview
-from pipelines.prompts.conditioning import build_conditioning
+from pipelines.prompts.conditioning import EncodingCache, build_conditioning
 from pipelines.prompts.parser import uses_emphasis
 from pipelines.prompts.source import ImagePrompt, PromptSource
 from pipelines.request import GenerationRequest, GenerationResult
@@ -48,7 +48,9 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
     request = hooks.before_generate(request)
     base_seed = resolve_seed(request.seed)
     # styles become part of the request's prompt (A1111: before anything parses it); wildcards per image
-    request, image_prompts = (prompts or PromptSource()).prepare(request, base_seed)
+    prompts = prompts or PromptSource()
+    request, image_prompts = prompts.prepare(request, base_seed)
+    encodings = EncodingCache()  # each prompt text encoded once per request, whatever the batch count
     images, infotexts, seeds, paths = [], [], [], []
     loads_before = sum(manager.load_counts.values())
     wishes = adapters.wishes_for(request, image_prompts)
@@ -72,7 +74,7 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
                                   batch_count=request.batch_count, note=COMPILE_NOTE))
             batch = _run_batch_or_retry_sliced(
                 active, request, batch_seeds, batch_index, progress, cancel, control_kwargs, hooks, manager,
-                batch_prompts)
+                batch_prompts, encodings, prompts.sdxl_clip_l_skip)
             cancel.batch_done()  # a Skip ended this batch only; the next one samples in full
             for image, seed, image_prompt in zip(batch, batch_seeds, batch_prompts):
                 image = hooks.after_image(image, request)
@@ -109,7 +111,8 @@ def _run_batch_or_retry_sliced(active: ActivePipeline, *args) -> list[Image.Imag
 def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[int], batch_index: int,
                progress: ProgressSink, cancel: CancelToken, extra: dict | None = None,
                hooks: GenerationHooks = NO_HOOKS, manager: PipelineManager | None = None,
-               prompts: list[ImagePrompt] | None = None) -> list[Image.Image]:
+               prompts: list[ImagePrompt] | None = None, encodings: EncodingCache | None = None,
+               sdxl_clip_l_skip: bool = False) -> list[Image.Image]:
     pipe = active.pipe
     # seed: DPM++ SDE draws its Brownian noise from it, so the same seed gives the same image.
     pipe.scheduler = samplers.make_scheduler(request.sampler, request.schedule, dict(pipe.scheduler.config),
@@ -120,7 +123,8 @@ def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[i
     prompts = prompts or [ImagePrompt(request.prompt, request.negative_prompt)] * len(seeds)
     conditioning = build_conditioning(pipe, [p.prompt for p in prompts], [p.negative_prompt for p in prompts],
                                       steps=_sampling_steps(request), clip_skip=request.clip_skip,
-                                      emphasis=request.emphasis)
+                                      emphasis=request.emphasis, sdxl_clip_l_skip=sdxl_clip_l_skip,
+                                      cache=encodings)
     conditioning.install(pipe)  # AND (composable diffusion) wraps this request's UNet until finish()
     callback = _step_callback(active, request, batch_index, progress, cancel, hooks, tuple(seeds),
                               conditioning.callback_outputs)

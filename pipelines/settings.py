@@ -58,6 +58,7 @@ class Settings:
     lowvram: bool = False  # sequential CPU offload
     vae_tile_above_pixels: int = 1536 * 1536  # VAE tiling+slicing past this many pixels; 0: never
     control_net_unit_count: int = 3  # ControlNet units in the UI (the A1111 extension's option name)
+    sdxl_clip_l_skip: bool = False  # A1111 "Clip skip SDXL": on SDXL, clip skip applies to CLIP-L only
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -158,7 +159,7 @@ _FIELD_TYPES = {"data_dir": Path, "models_dir": Path, "embeddings_dir": Path, "a
                 "fast": bool, "fast_compile": bool, "medvram": bool, "lowvram": bool,
                 "fast_compile_mode": str, "fast_compile_backend": str, "fast_lora_rank": int,
                 "deepcache": int, "tomesd": float,
-                "vae_tile_above_pixels": int}
+                "vae_tile_above_pixels": int, "sdxl_clip_l_skip": bool}
 
 
 def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,13 @@ When the schedule changes the conditioning, `callback_outputs` returns the new t
 All tensors of a request have the same number of 77-token chunks: shorter ones (the negative
 prompt, or an early edit) are padded with the encoding of an empty chunk, so positive and
 negative can be batched together for classifier-free guidance.
+
+Editing follows A1111's step indexing (`parser.text_at_step`): the conditioning of a model call
+is the schedule entry of A1111's 0-based call counter. Samplers that call the model more often
+than once a step (Heun, DPM2, DPM++ SDE) map their calls onto the steps proportionally.
+
+The batches of one request share an `EncodingCache`, so each distinct text is encoded once per
+request, not once per batch.
 """
 from __future__ import annotations
 
@@ -23,6 +30,27 @@ from pipelines.prompts.parser import prompt_schedule, split_and, text_at_step
 Schedule = list[tuple[int, str]]
 
 
+class EncodingCache:
+    """Encoded prompts kept for the length of one request (every batch of it). Keyed by the
+    text encoder and every encoding option too, so a pass with other encoders (hires with
+    another checkpoint, a refiner) or other options can never get another pass's tensors."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[EncoderStack, Encoded]] = {}  # the stack keeps its ids alive
+
+    def get(self, stack: EncoderStack, text: str, clip_skip: int, emphasis: str,
+            sdxl_clip_l_skip: bool) -> Encoded:
+        key = (tuple(id(e) for e in stack.text_encoders), tuple(id(t) for t in stack.tokenizers),
+               clip_skip, emphasis, sdxl_clip_l_skip and stack.sdxl, text)
+        if key not in self._entries:
+            self._entries[key] = stack, encode_prompt(stack, text, clip_skip, emphasis,
+                                                      sdxl_clip_l_skip=sdxl_clip_l_skip)
+        return self._entries[key][1]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 @dataclass
 class PromptConditioning:
     stack: EncoderStack
@@ -32,7 +60,8 @@ class PromptConditioning:
     clip_skip: int = 1
     emphasis: str = "Original"
     parts: list[list[tuple[Schedule, float]]] = field(default_factory=list)  # AND parts per image
-    _cache: dict = field(default_factory=dict, repr=False)
+    sdxl_clip_l_skip: bool = False  # A1111 "Clip skip SDXL": clip skip applies to SDXL's CLIP-L
+    cache: EncodingCache = field(default_factory=EncodingCache, repr=False)  # shared by a request's batches
     _chunks: int = 1
     _current_step: int = 1
     _finished: bool = False
@@ -44,9 +73,7 @@ class PromptConditioning:
         if not self.parts:
             self.parts = [[(s, 1.0)] for s in self.positive]
         texts = {t for s in self._all_schedules() for _, t in s}
-        for text in sorted(texts):
-            self._encoded(text)
-        self._chunks = max(e.chunks for e in self._cache.values())
+        self._chunks = max(self._encoded(text).chunks for text in sorted(texts))
 
     # --- what generate.py uses -------------------------------------------------------------
 
@@ -144,9 +171,7 @@ class PromptConditioning:
                 torch.tensor(weights, dtype=torch.float32))
 
     def _encoded(self, text: str) -> Encoded:
-        if text not in self._cache:
-            self._cache[text] = encode_prompt(self.stack, text, self.clip_skip, self.emphasis)
-        return self._cache[text]
+        return self.cache.get(self.stack, text, self.clip_skip, self.emphasis, self.sdxl_clip_l_skip)
 
     def _padded(self, encoded: Encoded) -> torch.Tensor:
         missing = self._chunks - encoded.chunks
@@ -169,9 +194,11 @@ class PromptConditioning:
 
 
 def build_conditioning(pipe, prompts: list[str], negative_prompts: list[str], steps: int,
-                       clip_skip: int = 1, emphasis: str = "Original") -> PromptConditioning:
+                       clip_skip: int = 1, emphasis: str = "Original", sdxl_clip_l_skip: bool = False,
+                       cache: EncodingCache | None = None) -> PromptConditioning:
     """Parse (extra-network tags removed, AND checked, editing scheduled) and encode the prompts
-    of one batch for `steps` sampling steps."""
+    of one batch for `steps` sampling steps. Pass one `cache` to every batch of a request so a
+    text the batches share is encoded once."""
     if len(prompts) != len(negative_prompts):
         raise ValueError("each image needs one prompt and one negative prompt")
 
@@ -183,4 +210,5 @@ def build_conditioning(pipe, prompts: list[str], negative_prompts: list[str], st
              for p in prompts]
     return PromptConditioning(stack=EncoderStack.from_pipe(pipe), positive=[p[0][0] for p in parts], parts=parts,
                               negative=[schedule(n) for n in negative_prompts], steps=max(1, steps),
-                              clip_skip=clip_skip, emphasis=emphasis, pipe_id=id(pipe))
+                              clip_skip=clip_skip, emphasis=emphasis, sdxl_clip_l_skip=sdxl_clip_l_skip,
+                              cache=cache if cache is not None else EncodingCache(), pipe_id=id(pipe))

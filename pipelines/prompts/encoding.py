@@ -168,8 +168,13 @@ def _check(clip_skip: int, emphasis: str) -> None:
 
 
 @torch.no_grad()
-def encode_prompt(stack: EncoderStack, text: str, clip_skip: int = 1, emphasis: str = "Original") -> Encoded:
-    """Encode one prompt (no editing/AND syntax left in it) into chunked, weighted embeddings."""
+def encode_prompt(stack: EncoderStack, text: str, clip_skip: int = 1, emphasis: str = "Original",
+                  sdxl_clip_l_skip: bool = False) -> Encoded:
+    """Encode one prompt (no editing/AND syntax left in it) into chunked, weighted embeddings.
+
+    SDXL follows A1111: clip skip is ignored (both encoders give their penultimate layer)
+    unless `sdxl_clip_l_skip` (A1111's "Clip skip SDXL" option), which applies it to CLIP-L
+    only, as hidden state N from the end without the final norm; CLIP-G stays penultimate."""
     _check(clip_skip, emphasis)
     per_encoder = [tokenize_chunks(tok, text, stack.convert)[0] for tok in stack.tokenizers]
     chunk_count = max(len(c) for c in per_encoder)
@@ -180,7 +185,7 @@ def encode_prompt(stack: EncoderStack, text: str, clip_skip: int = 1, emphasis: 
         ids = torch.tensor([r[0] for r in rows], device=encoder.device)
         weights = torch.tensor([r[1] for r in rows], device=encoder.device)
         output = encoder(ids, output_hidden_states=True)
-        z = _select_layer(encoder, output, clip_skip, stack.sdxl)
+        z = _select_layer(encoder, output, clip_skip, stack.sdxl, clip_l=index == 0 and sdxl_clip_l_skip)
         if stack.sdxl and index == 1:
             pooled = output[0][:1]  # A1111: the pooled vector of the first chunk
         hidden.append(_apply_weights(z, weights, emphasis))
@@ -190,10 +195,12 @@ def encode_prompt(stack: EncoderStack, text: str, clip_skip: int = 1, emphasis: 
     return Encoded(embeds=embeds, pooled=pooled.to(dtype) if pooled is not None else None)
 
 
-def _select_layer(encoder, output, clip_skip: int, sdxl: bool) -> torch.Tensor:
+def _select_layer(encoder, output, clip_skip: int, sdxl: bool, clip_l: bool = False) -> torch.Tensor:
     if sdxl:  # SDXL conditions on the penultimate layer without the final norm
         states = output.hidden_states
-        return states[max(-(clip_skip + 1), -len(states))]
+        # A1111 sd_hijack_clip (SDXL CLIP-L with sdxl_clip_l_skip): hidden_states[-N], so N=2 is
+        # the default layer and N=1 the last layer, still without the final norm
+        return states[max(-clip_skip, -len(states))] if clip_l else states[-2]
     if clip_skip == 1:
         return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
     states = output.hidden_states

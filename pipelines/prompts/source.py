@@ -1,6 +1,7 @@
 """The text each image of a request is generated from: styles applied first (A1111 order),
 then wildcards / dynamic prompts resolved per image. What comes out is what is encoded and
-what the image's infotext records."""
+what the image's infotext records. It also carries the app-wide prompt-encoding option
+`sdxl_clip_l_skip` (A1111's "Clip skip SDXL", a setting rather than a request field)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,14 +21,17 @@ class ImagePrompt:
 
 
 class PromptSource:
-    def __init__(self, styles: StyleStore | None = None, wildcards: WildcardResolver | None = None) -> None:
+    def __init__(self, styles: StyleStore | None = None, wildcards: WildcardResolver | None = None,
+                 sdxl_clip_l_skip: bool = False) -> None:
         self.styles = styles
         self.wildcards = wildcards
+        self.sdxl_clip_l_skip = bool(sdxl_clip_l_skip)  # SDXL: clip skip applies to CLIP-L (A1111 option)
 
     @classmethod
-    def for_data_dir(cls, data_dir: Path) -> "PromptSource":
+    def for_data_dir(cls, data_dir: Path, sdxl_clip_l_skip: bool = False) -> "PromptSource":
         data_dir = Path(data_dir)
-        return cls(StyleStore(data_dir / STYLES_FILE), WildcardResolver(data_dir / WILDCARDS_DIR))
+        return cls(StyleStore(data_dir / STYLES_FILE), WildcardResolver(data_dir / WILDCARDS_DIR),
+                   sdxl_clip_l_skip=sdxl_clip_l_skip)
 
     def prepare(self, request, base_seed: int):
         """(request with its styles applied to prompt and negative prompt, one ImagePrompt per

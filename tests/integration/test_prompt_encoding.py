@@ -219,6 +219,34 @@ def test_sdxl_empty_negative_is_zeros(sdxl_pipe):
     assert torch.equal(kwargs["prompt_embeds"], _encode(sdxl_pipe, "a cat ").embeds)
 
 
+def test_sdxl_ignores_clip_skip_unless_clip_l_skip_is_on(sdxl_pipe, sd_pipe):
+    stack, text = EncoderStack.from_pipe(sdxl_pipe), "a blue square"
+    default = encode_prompt(stack, text)
+    # A1111's default: clip skip changes nothing on SDXL (both encoders stay on their penultimate layer)
+    for clip_skip in (2, 3):
+        skipped = encode_prompt(stack, text, clip_skip=clip_skip)
+        assert torch.equal(skipped.embeds, default.embeds) and torch.equal(skipped.pooled, default.pooled)
+    ids = [tok(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+           for tok in (sdxl_pipe.tokenizer, sdxl_pipe.tokenizer_2)]
+    with torch.no_grad():
+        clip_l = sdxl_pipe.text_encoder(ids[0], output_hidden_states=True).hidden_states
+        clip_g = sdxl_pipe.text_encoder_2(ids[1], output_hidden_states=True).hidden_states
+    # "Clip skip SDXL" on: CLIP-L gives hidden_states[-N] (no final norm), CLIP-G stays penultimate
+    for clip_skip in (1, 2, 3):
+        on = encode_prompt(stack, text, clip_skip=clip_skip, sdxl_clip_l_skip=True)
+        assert torch.equal(on.embeds[..., :32], clip_l[-clip_skip])
+        assert torch.equal(on.embeds[..., 32:], clip_g[-2])
+        assert torch.equal(on.pooled, default.pooled)
+    assert torch.equal(encode_prompt(stack, text, clip_skip=2, sdxl_clip_l_skip=True).embeds, default.embeds)
+    assert not torch.equal(encode_prompt(stack, text, sdxl_clip_l_skip=True).embeds, default.embeds)
+    cond = build_conditioning(sdxl_pipe, [text], ["ugly"], steps=2, clip_skip=3, sdxl_clip_l_skip=True)
+    assert torch.equal(cond.pipeline_kwargs()["prompt_embeds"][..., :32], clip_l[-3])
+    # SD1 has one encoder: the option changes nothing there
+    sd = EncoderStack.from_pipe(sd_pipe)
+    assert torch.equal(encode_prompt(sd, text, clip_skip=2, sdxl_clip_l_skip=True).embeds,
+                       encode_prompt(sd, text, clip_skip=2).embeds)
+
+
 @pytest.fixture(scope="module")
 def sdxl_full(sdxl_pipe):
     """The tiny SDXL encoders with a tiny text-time UNet and VAE: a pipeline that samples."""
@@ -253,3 +281,128 @@ def test_sdxl_sampling_with_editing_and_and(sdxl_full):
     assert plain.shape == edited.shape == composed.shape == (2, 4, 32, 32)
     assert not torch.equal(plain, edited) and not torch.equal(plain, composed)
     assert type(sdxl_full.unet).__name__ == "UNet2DConditionModel"  # the AND wrapper is gone
+
+
+# --- through generate(): styles, wildcards, one encoding per request ---------------------------
+
+STYLES_CSV = ('name,prompt,negative_prompt\n'
+              '"Cinematic","cinematic still of {prompt}, film grain","cartoon, drawing"\n'
+              '"Night","{prompt} at night, stars","daylight"\n')
+GEN = dict(checkpoint="tiny.safetensors", width=64, height=64, steps=2, cfg_scale=5, sampler="Euler",
+           save_images=False, seed=21)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """A tiny SD checkpoint (and a tiny SDXL one), a data dir with styles.csv and a wildcard file."""
+    from pipelines.prompts.source import PromptSource
+    from tests.integration.conftest import make_engine
+
+    root = tmp_path_factory.mktemp("prompt-engine")
+    factories.write_tiny_checkpoint(root / "models" / "Stable-diffusion" / "tiny.safetensors", seed=0)
+    factories.write_tiny_sdxl_checkpoint(root / "models" / "Stable-diffusion" / "tiny-sdxl", seed=0)
+    (root / "embeddings").mkdir()
+    data = root / "data"
+    (data / "wildcards").mkdir(parents=True)
+    (data / "styles.csv").write_text(STYLES_CSV, encoding="utf-8")
+    (data / "wildcards" / "colour.txt").write_text("red\nblue\ngreen\n", encoding="utf-8")
+    manager, _ = make_engine(root, data)
+    return manager, PromptSource.for_data_dir(data)
+
+
+def _pixels(image):
+    import numpy as np
+
+    return np.asarray(image, dtype=np.int16)
+
+
+def _generate(manager, source=None, **changes):
+    from pipelines.generate import generate
+    from pipelines.request import GenerationRequest
+
+    return generate(manager, None, GenerationRequest(**{**GEN, **changes}), prompts=source)
+
+
+def test_batch_of_three_records_each_images_own_styled_and_resolved_prompt(engine):
+    from pipelines.metadata import parse_infotext
+    from pipelines.request import GenerationRequest
+
+    manager, source = engine
+    changes = dict(prompt="a {big|small|tiny} __colour__ fox", negative_prompt="blurry", styles=("Night",),
+                   batch_size=3, wildcard_mode="combinatorial")
+    result = _generate(manager, source, **changes)
+    infos = [parse_infotext(text) for text in result.infotexts]
+    prompts = [info["Prompt"] for info in infos]
+    _, expected = source.prepare(GenerationRequest(**{**GEN, **changes}), 21)
+    assert prompts == [p.prompt for p in expected] and len(set(prompts)) == 3
+    assert all(p.startswith("a ") and p.endswith(" fox at night, stars") and not {"{", "__"} & set(p) for p in prompts)
+    assert [info["Negative prompt"] for info in infos] == ["blurry, daylight"] * 3
+    assert [str(info["Seed"]) for info in infos] == ["21", "22", "23"]
+    # the last image was sampled from its own prompt: it is that prompt alone with seed 23, and
+    # not the first image's prompt with seed 23
+    alone = _generate(manager, source, prompt=prompts[2], negative_prompt="blurry, daylight", seed=23)
+    assert abs(_pixels(alone.images[0]) - _pixels(result.images[2])).max() <= 1
+    other = _generate(manager, source, prompt=prompts[0], negative_prompt="blurry, daylight", seed=23)
+    assert abs(_pixels(other.images[0]) - _pixels(result.images[2])).max() > 1
+
+
+def test_img2img_with_styles_samples_the_styled_prompt_and_writes_a1111_infotext(engine):
+    from PIL import Image
+
+    from pipelines.metadata import parse_infotext
+
+    manager, source = engine
+    img2img = dict(task="img2img", init_image=Image.new("RGB", (64, 64), (200, 40, 40)), denoising_strength=0.6,
+                   steps=4)
+    styled = _generate(manager, source, prompt="a fox", negative_prompt="blurry", styles=("Cinematic",), **img2img)
+    written = _generate(manager, source, prompt="cinematic still of a fox, film grain",
+                        negative_prompt="blurry, cartoon, drawing", **img2img)
+    plain = _generate(manager, source, prompt="a fox", negative_prompt="blurry", **img2img)
+    assert styled.images[0].tobytes() == written.images[0].tobytes()
+    assert styled.images[0].tobytes() != plain.images[0].tobytes()
+    assert styled.infotexts == written.infotexts  # A1111 records the styled text, not the style names
+    info = parse_infotext(styled.infotexts[0])
+    assert info["Prompt"] == "cinematic still of a fox, film grain"
+    assert info["Negative prompt"] == "blurry, cartoon, drawing"
+    assert str(info["Denoising strength"]) == "0.6" and str(info["Steps"]) == "4"
+    # reading it back (PNG Info) takes the style out again
+    assert source.styles.extract(info["Prompt"], info["Negative prompt"]) == (["Cinematic"], "a fox", "blurry")
+
+
+def test_each_text_is_encoded_once_per_request_not_once_per_batch(engine, monkeypatch):
+    import pipelines.prompts.conditioning as conditioning
+
+    manager, source = engine
+    encoded = []
+    real = conditioning.encode_prompt
+
+    def counting(stack, text, *args, **kwargs):
+        encoded.append(text)
+        return real(stack, text, *args, **kwargs)
+
+    monkeypatch.setattr(conditioning, "encode_prompt", counting)
+    two = _generate(manager, source, prompt="a red fox", negative_prompt="blurry", batch_count=2, steps=1)
+    assert sorted(encoded) == ["a red fox", "blurry"]  # was 4: both texts again for the second batch
+    encoded.clear()
+    one = _generate(manager, source, prompt="a red fox", negative_prompt="blurry", seed=22, steps=1)
+    assert sorted(encoded) == ["a red fox", "blurry"]
+    assert two.images[1].tobytes() == one.images[0].tobytes()  # reused tensors, the same picture
+    # batches with other prompts (wildcards): every distinct text once, the shared negative too
+    encoded.clear()
+    _generate(manager, source, prompt="a {red|blue} fox", negative_prompt="blurry", batch_count=2, steps=1,
+              wildcard_mode="combinatorial")
+    assert sorted(encoded) == ["a blue fox", "a red fox", "blurry"]
+
+
+def test_sdxl_clip_skip_through_generate_follows_the_clip_l_setting(engine):
+    from pipelines.prompts.source import PromptSource
+
+    manager, _source = engine
+    sdxl = dict(checkpoint="tiny-sdxl", prompt="a red fox", steps=2)
+    base = _generate(manager, **sdxl)
+    skip2 = _generate(manager, **sdxl, clip_skip=2)
+    assert skip2.images[0].tobytes() == base.images[0].tobytes()  # ignored on SDXL (A1111 default)
+    assert "Clip skip: 2" in skip2.infotexts[0]  # and recorded as A1111 does, whatever the model
+    on = PromptSource(sdxl_clip_l_skip=True)
+    assert _generate(manager, on, **sdxl, clip_skip=2).images[0].tobytes() == base.images[0].tobytes()
+    assert _generate(manager, on, **sdxl, clip_skip=1).images[0].tobytes() != base.images[0].tobytes()
