@@ -25,6 +25,7 @@ from ui.guarded_images import guard_uploads
 
 TABS = ("txt2img", "img2img")
 _PRIVATE = dict(api_visibility="private", queue=False)
+PREVIEW_API_NAME = "controlnet_preview"  # the public Preview endpoint (gradio_client)
 
 
 def unit_count(ctx: AppContext) -> int:
@@ -173,8 +174,14 @@ def _wire_unit(ctx: AppContext, reg: ComponentRegistry, tab: str, index: int) ->
     comp("module").input(on_module, inputs=[comp("module")], outputs=[comp("threshold_a"), comp("threshold_b")],
                           **_PRIVATE)
 
-    def preview(image, module, resolution, pixel_perfect, resize_mode, threshold_a, threshold_b, width, height,
-                init_image=None):
+    def preview(image=None, module="none", resolution=512, pixel_perfect=False, resize_mode=RESIZE_MODES[1],
+                threshold_a=-1, threshold_b=-1, width=512, height=512, init_image=None):
+        """The ControlNet preprocessor's detected map of `image`, as generation will use it.
+
+        Parameters: image, module (a preprocessor name, e.g. "canny"), resolution (short side;
+        ignored when pixel_perfect, which derives it from width/height and resize_mode),
+        threshold_a, threshold_b (-1: the preprocessor's defaults). Returns the map image.
+        """
         try:
             return preview_map(ctx.registry.paths.models_dir, image if image is not None else init_image, module,
                                resolution, pixel_perfect, resize_mode, threshold_a, threshold_b, width, height,
@@ -186,8 +193,10 @@ def _wire_unit(ctx: AppContext, reg: ComponentRegistry, tab: str, index: int) ->
               comp("threshold_a"), comp("threshold_b"), reg[f"{tab}.width"], reg[f"{tab}.height"]]
     if f"{tab}.init_image" in reg:
         inputs.append(reg[f"{tab}.init_image"])
+    # One public endpoint (txt2img, unit 0) for scripts; the other Preview buttons do the same privately.
+    public = dict(api_name=PREVIEW_API_NAME, queue=False) if (tab, index) == ("txt2img", 0) else _PRIVATE
     reg[f"{tab}.cn{index}_preview"].click(preview, inputs=inputs, outputs=[reg[f"{tab}.cn{index}_preview_image"]],
-                                          **_PRIVATE)
+                                          **public)
 
     def refresh(checkpoint: str | None, current: str | None):
         ctx.registry.refresh()

@@ -19,7 +19,11 @@ from ui.control_form import control_fields
 
 PUBLIC_ENDPOINTS = {"/txt2img", "/img2img", "/png_info", "/merge_checkpoints", "/merge_loras",
                     "/extras_single_image", "/extras_batch_images", "/extras_batch_directory", "/queue", "/cancel",
-                    "/history"}
+                    "/history", "/txt2img_xyz_plot", "/img2img_xyz_plot", "/prompts_from_file", "/controlnet_preview"}
+XYZ_PARAMETERS = ["xyz_x_type", "xyz_x_values", "xyz_y_type", "xyz_y_values", "xyz_z_type", "xyz_z_values", "xyz_save"]
+PROMPTS_FROM_FILE_PARAMETERS = ["pff_text", "pff_file", "pff_iterate_seed"]
+PREVIEW_PARAMETERS = ["image", "module", "resolution", "pixel_perfect", "resize_mode", "threshold_a", "threshold_b",
+                      "width", "height"]
 TXT2IMG_PARAMETERS = ["prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width",
                       "height", "seed", "batch_count", "batch_size", "styles", "clip_skip", "emphasis", "wildcard_mode", "enable_hr", "hr_scale", "hr_upscaler",
                       "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint", "hr_sampler", "hr_prompt",
@@ -101,6 +105,23 @@ def test_txt2img_endpoint_parameters_are_named_and_optional(built):
     img2img = {p["parameter_name"]: p for p in blocks.get_api_info()["named_endpoints"]["/img2img"]["parameters"]}
     assert {"mode", "init_image", "mask", "denoising_strength", "resize_mode", "inpaint_area"} <= set(img2img)
     assert all(p["parameter_has_default"] for p in img2img.values())
+
+
+def test_script_and_preview_endpoints_take_the_form_by_name_with_defaults(built):
+    blocks, _ctx, _components = built
+    endpoints = blocks.get_api_info()["named_endpoints"]
+    for name, own, form in (("/txt2img_xyz_plot", XYZ_PARAMETERS, "/txt2img"), ("/img2img_xyz_plot", XYZ_PARAMETERS, "/img2img"),
+                            ("/prompts_from_file", PROMPTS_FROM_FILE_PARAMETERS, "/txt2img")):
+        params = endpoints[name]["parameters"]
+        names = [p["parameter_name"] for p in params]
+        # The tab's own form fields (without the ControlNet units), then the script's.
+        form_names = [p["parameter_name"] for p in endpoints[form]["parameters"] if not re.match(r"cn\d+_|gligen_", p["parameter_name"])]
+        assert sorted(n for n in names if n not in own) == sorted(form_names), name
+        assert [n for n in names if n in own] == own, name
+        assert all(p["parameter_has_default"] for p in params), name
+    preview = endpoints["/controlnet_preview"]["parameters"]
+    assert [p["parameter_name"] for p in preview] == PREVIEW_PARAMETERS
+    assert all(p["parameter_has_default"] for p in preview)
 
 
 def test_generation_events_share_one_device_slot(built):

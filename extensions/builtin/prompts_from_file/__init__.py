@@ -12,7 +12,7 @@ def register(api) -> None:
 def build(ui) -> None:
     tab = ui.tab
     controls = {
-        "pff_text": gr.Textbox(label="One prompt per line (or --prompt \"...\" --steps 20 --seed 5 ...)",
+        "pff_text": gr.Textbox("", label="One prompt per line (or --prompt \"...\" --steps 20 --seed 5 ...)",
                                lines=4, elem_id=f"{tab}_pff_text"),
         "pff_file": gr.File(label="...or a .txt file", file_types=[".txt"], type="filepath",
                             elem_id=f"{tab}_pff_file"),
@@ -22,10 +22,11 @@ def build(ui) -> None:
     gallery = gr.Gallery(label="Images", columns=4, height=360, format="png", elem_id=f"{tab}_pff_gallery")
     summary = gr.Markdown("")
 
-    def run_all(request: gr.Request, **values):
+    # pff_file=None: the API parameter is optional (an empty gr.File has no default of its own).
+    def run_all(request: gr.Request, *, pff_file=None, **values):
         text = values["pff_text"] or ""
-        if values.get("pff_file"):
-            with open(values["pff_file"], encoding="utf-8", errors="replace") as handle:
+        if pff_file:
+            with open(pff_file, encoding="utf-8", errors="replace") as handle:
                 text = handle.read()
         try:
             base = ui.request_from(values)
@@ -41,5 +42,6 @@ def build(ui) -> None:
                 items += list(result.images)
         return items, f"{len(results)} of {len(requests)} line(s) done, {len(items)} image(s)."
 
+    # Public: /prompts_from_file takes the txt2img form fields plus pff_text, pff_file, pff_iterate_seed.
     run_button.click(run_all, inputs_kwargs=ui.form_inputs() | controls, outputs=[gallery, summary],
-                     api_visibility="private")
+                     api_name="prompts_from_file")

@@ -21,7 +21,7 @@ def build(ui) -> None:
         with gr.Row():
             controls[f"xyz_{axis}_type"] = gr.Dropdown(list(axis_types()), value=NOTHING, scale=1,
                                                        label=f"{axis.upper()} type", elem_id=f"{tab}_xyz_{axis}_type")
-            controls[f"xyz_{axis}_values"] = gr.Textbox(label=f"{axis.upper()} values", scale=3,
+            controls[f"xyz_{axis}_values"] = gr.Textbox("", label=f"{axis.upper()} values", scale=3,
                                                         placeholder="e.g. 10, 20, 30 or 1-9 (+2) or Euler, DDIM",
                                                         elem_id=f"{tab}_xyz_{axis}_values")
     controls["xyz_save"] = gr.Checkbox(True, label="Save the grid (with infotext)")
@@ -29,7 +29,10 @@ def build(ui) -> None:
     gallery = gr.Gallery(label="Grids", columns=1, height=480, format="png", elem_id=f"{tab}_xyz_gallery")
     infotext = gr.Textbox(label="Grid infotext", lines=3, interactive=False, elem_id=f"{tab}_xyz_infotext")
 
-    def make_grid(request: gr.Request, **values):
+    # The images default to None so that API callers may leave them out, as in /img2img.
+    def make_grid(request: gr.Request, *, init_image=None, inpaint_image=None, mask=None, **values):
+        if tab == "img2img":
+            values.update(init_image=init_image, inpaint_image=inpaint_image, mask=mask)
         try:
             base = ui.request_from(values)
             axes = [make_axis(values[f"xyz_{a}_type"], values[f"xyz_{a}_values"], base) for a in AXIS_NAMES
@@ -46,5 +49,6 @@ def build(ui) -> None:
                 items.append((grid.image, grid.z_label or None))
         return items, "\n\n".join(g.infotext for g in result.grids)
 
+    # Public: /txt2img_xyz_plot and /img2img_xyz_plot take the tab's form fields plus the xyz_* fields.
     run_button.click(make_grid, inputs_kwargs=ui.form_inputs() | controls, outputs=[gallery, infotext],
-                     api_visibility="private")
+                     api_name=f"{tab}_xyz_plot")
