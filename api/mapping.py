@@ -189,4 +189,5 @@ def info_dict(payload: _Processing, request: GenerationRequest, result: Generati
         "is_using_inpainting_conditioning": False,
         "version": parsed.get("Version"),
         "interrupted": result.interrupted,
+        "warnings": list(result.warnings),  # Easel: e.g. LoRA layers that did not match the checkpoint
     }

@@ -60,6 +60,7 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
             memory.vae_tiling(active.pipe.vae, manager.memory.wants_vae_tiling(*memory.final_size(request))):
         if sum(manager.load_counts.values()) != loads_before:
             hooks.model_loaded(manager.snapshot())
+        warnings = adapters.warnings_of(active)
         params_common = hooks.extend_infotext(
             request, _infotext_params(manager, active, request) | control.infotext_params(manager, request)
             | (hires.infotext_params(request) if request.enable_hr else {}) | refiner.infotext_params(manager, request)
@@ -88,7 +89,7 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
                     paths.append(outputs.save(image, category=_CATEGORY[request.task], seed=seed, infotext=text))
                     hooks.image_saved(paths[-1], text)
     return GenerationResult(images=images, infotexts=infotexts, seeds=seeds, paths=paths,
-                            interrupted=cancel.cancelled)
+                            interrupted=cancel.cancelled, warnings=warnings)
 
 
 # --- one batch -----------------------------------------------------------------------------

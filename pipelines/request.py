@@ -169,6 +169,7 @@ class GenerationResult:
     seeds: list[int]
     paths: list[Path]
     interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)  # e.g. a LoRA whose layers only partly matched
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self) | {"images": None}

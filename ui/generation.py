@@ -56,6 +56,8 @@ def stream_job(jobs: Any, request: GenerationRequest, owner: str,
             job.cancel()
     if result.interrupted:
         gr.Info(f"Interrupted: {len(result.images)} of {request.total_images} image(s) finished")
+    for warning in result.warnings:
+        gr.Warning(warning)
     yield gallery_items(result), generation_info(request, result)
 
 
@@ -96,6 +98,7 @@ def generation_info(request: GenerationRequest, result: GenerationResult) -> dic
         "infotexts": list(result.infotexts),
         "paths": [str(path) for path in result.paths],
         "interrupted": result.interrupted,
+        "warnings": list(result.warnings),
     }
     if request.task != "txt2img":
         info["denoising_strength"] = request.denoising_strength

@@ -46,6 +46,11 @@ def attach(manager, active, request, wishes: AdapterWishes) -> Iterator[dict[str
         yield params
 
 
+def warnings_of(active) -> list[str]:
+    """What the user should know about the adapters of this request (shown next to the images)."""
+    return [lora.report for lora in active.loras if lora.report]
+
+
 def _hypernetwork(manager, name: str) -> hypernetworks.Hypernetwork:
     """Through the manager's RAM cache: loaded from disk once while it stays in budget."""
     entry = manager.registry.find("hypernetwork", name)

@@ -45,6 +45,7 @@ class AppliedLora:
     te_weight: float
     unet_weight: float
     adapter: str  # the PEFT adapter name inside the model
+    report: str = ""  # what did not fit when it was loaded (partly matching keys), for the user
 
 
 def requests_of(applied: list[AppliedLora]) -> tuple[LoraRequest, ...]:
@@ -105,7 +106,8 @@ class LoraStack:
         applied = []
         for entry, request in wanted:
             adapter = self._ensure_resident(pipe, state, entry, arch, checkpoint_name, keep)
-            applied.append(AppliedLora(entry, request.te_weight, request.unet_weight, adapter))
+            applied.append(AppliedLora(entry, request.te_weight, request.unet_weight, adapter,
+                                       state.reports.get(adapter, "")))
         wish = tuple((a.adapter, a.te_weight, a.unet_weight) for a in applied)
         if not state.resident:
             selection = {}  # nothing was ever loaded into this checkpoint: nothing to switch off
