@@ -44,7 +44,8 @@ def build_context(settings):
     manager = PipelineManager(registry, ModelCache(settings.ram_cache_bytes()), device,
                               resolve_dtype(settings.precision, device),
                               optimizations=Optimizations.from_settings(settings),
-                              memory=memory_options(settings))
+                              memory=memory_options(settings), lora_max_resident=settings.lora_max_resident,
+                              lora_fuse=settings.lora_fuse)
     outputs = open_outputs(settings)
     extensions = load_app_extensions(settings)
     prompts = PromptSource.for_data_dir(settings.data_dir,  # styles.csv + wildcards/

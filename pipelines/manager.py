@@ -45,7 +45,8 @@ class PipelineManager:
     def __init__(self, registry: ModelRegistry, cache: ModelCache, device: torch.device,
                  dtype: torch.dtype, load_checkpoint: Callable[[ModelEntry, torch.dtype], LoadedCheckpoint] = loading.load_checkpoint,
                  load_vae: Callable[[ModelEntry, Arch, torch.dtype], Any] = loading.load_vae,
-                 optimizations: Optimizations = Optimizations(), memory: MemoryOptions = MemoryOptions()) -> None:
+                 optimizations: Optimizations = Optimizations(), memory: MemoryOptions = MemoryOptions(),
+                 lora_max_resident: int = 8, lora_fuse: bool = False) -> None:
         self.registry = registry
         self.cache = cache
         self.device = device
@@ -57,7 +58,7 @@ class PipelineManager:
         self._active_vae: tuple[ModelEntry, Any] | None = None
         self.load_counts: Counter = Counter()  # loads from disk, by kind: the cache's effect
         # LoRAs stay resident in the loaded checkpoints; requests only select them.
-        self.loras = LoraStack(registry, self.load_counts)
+        self.loras = LoraStack(registry, self.load_counts, max_resident=lora_max_resident, fuse=lora_fuse)
         self.fast = FastMode(optimizations)  # fast mode: applied on activation, undone on switch
         self.memory = MemoryPlan(memory)  # --medvram/--lowvram offload and automatic VAE tiling
         self.accelerators = Accelerators()  # DeepCache / ToMe per request, options in self.fast

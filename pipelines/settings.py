@@ -47,6 +47,8 @@ class Settings:
     max_upload_pixels: int = 4096 * 4096
     max_request_mb: float | None = None  # largest HTTP body; None: two base64 uploads + 1 MB
     api_auth: str | None = None  # user:pass[,u2:p2] for the REST API; default: --auth
+    lora_max_resident: int = 8  # LoRAs kept loaded per checkpoint (least recently used leaves first)
+    lora_fuse: bool = False  # merge active LoRAs into the weights per request (unmerged after)
     fast: bool = False  # fast mode: channels_last + fused QKV (pipelines/optimizations.py)
     fast_compile: bool = False  # fast mode plus regional torch.compile of the UNet
     fast_compile_mode: str = "default"  # "reduce-overhead": CUDA graphs (whole UNet, CUDA only)
@@ -77,6 +79,8 @@ class Settings:
                      "max_upload_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.lora_max_resident <= 1000:
+            raise ValueError(f"lora_max_resident must be between 1 and 1000, got {self.lora_max_resident}")
         if not 1 <= self.control_net_unit_count <= 10:
             raise ValueError(f"control_net_unit_count must be between 1 and 10, got {self.control_net_unit_count}")
         if not self.max_upload_mb > 0:
@@ -157,6 +161,7 @@ _FIELD_TYPES = {"data_dir": Path, "models_dir": Path, "embeddings_dir": Path, "a
                 "max_height": int, "max_steps": int, "max_batch_images": int, "max_upload_mb": float,
                 "max_upload_pixels": int, "max_request_mb": float, "api_auth": str, "control_net_unit_count": int,
                 "fast": bool, "fast_compile": bool, "medvram": bool, "lowvram": bool,
+                "lora_max_resident": int, "lora_fuse": bool,
                 "fast_compile_mode": str, "fast_compile_backend": str, "fast_lora_rank": int,
                 "deepcache": int, "tomesd": float,
                 "vae_tile_above_pixels": int, "sdxl_clip_l_skip": bool}
@@ -233,6 +238,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="model CPU offload: each model on the GPU only while it runs (less VRAM, slower)")
     p.add_argument("--lowvram", action="store_true", default=None,
                    help="sequential CPU offload, layer by layer (least VRAM, much slower)")
+    p.add_argument("--lora-max-resident", dest="lora_max_resident", type=int,
+                   help="LoRAs kept loaded per checkpoint for instant switching (default 8)")
+    p.add_argument("--lora-fuse", dest="lora_fuse", action="store_true", default=None,
+                   help="merge the active LoRAs into the weights for each request (faster sampling, same image)")
     p.add_argument("--vae-tile-above-pixels", dest="vae_tile_above_pixels", type=int,
                    help="decode images larger than this many pixels with a tiled VAE (0: never)")
     p.add_argument("--fast-compile", dest="fast_compile", action="store_true", default=None,
