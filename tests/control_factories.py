@@ -112,11 +112,12 @@ def tiny_ip_adapter_state(unet, embed_dim: int = 32, seed: int = 0, std: float =
     return state
 
 
-def write_tiny_ip_adapter(models_dir: Path, unet, name: str = "ip-adapter_tiny.safetensors", seed: int = 0) -> Path:
-    """models/ipadapter/<name> and models/ipadapter/image_encoder/."""
+def write_tiny_ip_adapter(models_dir: Path, unet, name: str = "ip-adapter_tiny.safetensors", seed: int = 0,
+                          folder: str = "ipadapter") -> Path:
+    """models/<folder>/<name> and models/<folder>/image_encoder/ (folder: ipadapter or ControlNet)."""
     from safetensors.torch import save_file
 
-    folder = Path(models_dir) / "ipadapter"
+    folder = Path(models_dir) / folder
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "image_encoder" / "config.json").is_file():
         write_tiny_image_encoder(folder / "image_encoder", seed=seed)
@@ -198,3 +199,87 @@ def write_tiny_gligen(models_dir: Path, unet, text_hidden: int, name: str = "gli
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tiny_gligen_state(unet, text_hidden), str(path))
     return path
+
+
+# --- real-layout key lists (for header-only files) ----------------------------------------------
+
+# lllyasviel's cldm ControlNet per base family: channels per level, transformer depth per level
+# (0: no attention), mid-block depth, text context width, linear projections, SDXL label_emb width.
+LDM_FAMILIES = {
+    "sd1": dict(channels=(320, 640, 1280, 1280), depths=(1, 1, 1, 0), mid_depth=1, context=768, linear=False,
+                label=None),
+    "sd2": dict(channels=(320, 640, 1280, 1280), depths=(1, 1, 1, 0), mid_depth=1, context=1024, linear=True,
+                label=None),
+    "sdxl": dict(channels=(320, 640, 1280), depths=(0, 2, 10), mid_depth=10, context=2048, linear=True, label=2816),
+}
+HINT_CHANNELS = (16, 32, 96, 256)
+
+
+def ldm_controlnet_layout(family: str, prefix: str = "control_model.") -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a `control_v11p_sd15_canny`-style single file (LDM names), written from the
+    published ControlNet architecture (UNet encoder + hint block + zero convolutions), not from
+    any converter, so a converter can be checked against it."""
+    spec = LDM_FAMILIES[family]
+    channels, context, linear = spec["channels"], spec["context"], spec["linear"]
+    base, emb = channels[0], channels[0] * 4
+    out: dict[str, tuple[int, ...]] = {}
+
+    def add(key: str, *shape: int, bias: bool = True) -> None:
+        out[f"{prefix}{key}.weight"] = shape
+        if bias:
+            out[f"{prefix}{key}.bias"] = (shape[0],)
+
+    def resblock(at: str, cin: int, cout: int) -> None:
+        add(f"{at}.in_layers.0", cin)
+        add(f"{at}.in_layers.2", cout, cin, 3, 3)
+        add(f"{at}.emb_layers.1", cout, emb)
+        add(f"{at}.out_layers.0", cout)
+        add(f"{at}.out_layers.3", cout, cout, 3, 3)
+        if cin != cout:
+            add(f"{at}.skip_connection", cout, cin, 1, 1)
+
+    def transformer(at: str, c: int, depth: int) -> None:
+        add(f"{at}.norm", c)
+        add(f"{at}.proj_in", *((c, c) if linear else (c, c, 1, 1)))
+        for t in range(depth):
+            block = f"{at}.transformer_blocks.{t}"
+            for attn, kv in (("attn1", c), ("attn2", context)):
+                add(f"{block}.{attn}.to_q", c, c, bias=False)
+                add(f"{block}.{attn}.to_k", c, kv, bias=False)
+                add(f"{block}.{attn}.to_v", c, kv, bias=False)
+                add(f"{block}.{attn}.to_out.0", c, c)
+            add(f"{block}.ff.net.0.proj", 8 * c, c)
+            add(f"{block}.ff.net.2", c, 4 * c)
+            for norm in ("norm1", "norm2", "norm3"):
+                add(f"{block}.{norm}", c)
+        add(f"{at}.proj_out", *((c, c) if linear else (c, c, 1, 1)))
+
+    add("time_embed.0", emb, base)
+    add("time_embed.2", emb, emb)
+    if spec["label"]:
+        add("label_emb.0.0", emb, spec["label"])
+        add("label_emb.0.2", emb, emb)
+    hint = [3] + [c for c in HINT_CHANNELS for _ in (0, 1)][:-1]  # 3, 16, 16, 32, 32, 96, 96, 256
+    for index, (cin, cout) in enumerate(zip(hint[:-1], hint[1:])):
+        add(f"input_hint_block.{2 * index}", cout, cin, 3, 3)
+    add("input_hint_block.14", base, HINT_CHANNELS[-1], 3, 3)
+    add("input_blocks.0.0", base, 4, 3, 3)
+    block_channels, cin, block = [base], base, 1
+    for level, (cout, depth) in enumerate(zip(channels, spec["depths"])):
+        for _ in range(2):
+            resblock(f"input_blocks.{block}.0", cin, cout)
+            if depth:
+                transformer(f"input_blocks.{block}.1", cout, depth)
+            block_channels.append(cout)
+            cin, block = cout, block + 1
+        if level < len(channels) - 1:
+            add(f"input_blocks.{block}.0.op", cout, cout, 3, 3)
+            block_channels.append(cout)
+            block += 1
+    for index, c in enumerate(block_channels):
+        add(f"zero_convs.{index}.0", c, c, 1, 1)
+    resblock("middle_block.0", cin, cin)
+    transformer("middle_block.1", cin, spec["mid_depth"])
+    resblock("middle_block.2", cin, cin)
+    add("middle_block_out.0", cin, cin, 1, 1)
+    return out

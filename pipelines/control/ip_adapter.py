@@ -12,9 +12,10 @@ per-request pipeline made with `from_pipe`.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -55,13 +56,15 @@ def read_ip_adapter(entry: ModelEntry) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def image_encoder_candidates(models_dir: Path, adapter_path: Path | None = None) -> list[Path]:
-    folders = [models_dir / IPADAPTER_FOLDER / "image_encoder", models_dir / "ControlNet" / "image_encoder"]
-    if adapter_path is not None:
-        folders.append(adapter_path.parent / "image_encoder")
+    """Where the encoder is looked for, first match wins: beside the adapter (so an adapter in
+    models/ControlNet takes models/ControlNet/image_encoder), models/ipadapter/image_encoder,
+    models/ControlNet/image_encoder, then every folder of models/clip_vision."""
+    folders = [adapter_path.parent / "image_encoder"] if adapter_path is not None else []
+    folders += [models_dir / IPADAPTER_FOLDER / "image_encoder", models_dir / "ControlNet" / "image_encoder"]
     clip_vision = models_dir / "clip_vision"
     if clip_vision.is_dir():
         folders += sorted(p for p in clip_vision.iterdir() if p.is_dir())
-    return folders
+    return list(dict.fromkeys(folders))
 
 
 def find_image_encoder(models_dir: Path, adapter_path: Path | None = None) -> Path:
@@ -107,18 +110,40 @@ def loaded_into(pipe, states: list[dict], scales: list[float]) -> Iterator[None]
         unet.register_to_config(encoder_hid_dim_type=hid_type)
 
 
-def ip_adapter_entry(models_dir: Path, name: str) -> ModelEntry | None:
-    """An IP-Adapter in models/ipadapter (not a registry folder) by file name or stem."""
+_TITLE_HASH = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
+
+
+def ip_adapter_entry(models_dir: Path, name: str,
+                     known_sha256: Callable[[ModelEntry], str | None] | None = None) -> ModelEntry | None:
+    """An IP-Adapter in models/ipadapter (not a registry folder) by file name or stem, also as
+    an infotext title `name [hash]` (what pasting writes into the unit): the name without the
+    hash, else the file whose sha256 (`known_sha256`, e.g. the registry's cached hashes) starts
+    with the hash."""
     folder = models_dir / IPADAPTER_FOLDER
     if not folder.is_dir():
         return None
-    for path in sorted(folder.rglob("*.safetensors")):
-        rel = path.relative_to(folder).as_posix()
-        if name in (rel, rel.rsplit(".", 1)[0], path.stem):
-            stat = path.stat()
-            return ModelEntry(kind="controlnet", name=rel, path=path, format="safetensors",
-                              arch=_unknown_arch(), size=stat.st_size, mtime=stat.st_mtime)
+    query = (name or "").strip().replace("\\", "/")
+    titled = _TITLE_HASH.match(query)
+    wanted = titled["name"] if titled else query
+    entries = [_entry(folder, path) for path in sorted(folder.rglob("*.safetensors"))
+               if "image_encoder" not in path.relative_to(folder).parts]
+    for entry in entries:
+        rel = entry.name
+        if wanted in (rel, rel.rsplit(".", 1)[0], entry.path.stem):
+            return entry
+    if titled and known_sha256 is not None:
+        prefix = titled["hash"].lower()
+        for entry in entries:
+            known = known_sha256(entry)
+            if known and known.lower().startswith(prefix):
+                return entry
     return None
+
+
+def _entry(folder: Path, path: Path) -> ModelEntry:
+    stat = path.stat()
+    return ModelEntry(kind="controlnet", name=path.relative_to(folder).as_posix(), path=path, format="safetensors",
+                      arch=_unknown_arch(), size=stat.st_size, mtime=stat.st_mtime)
 
 
 def ip_adapter_files(models_dir: Path) -> list[str]:

@@ -107,14 +107,37 @@ def load_controlnet(entry: ModelEntry, dtype: torch.dtype):
             if family is None:
                 raise ModelLoadError(f"{entry.name} is not a ControlNet this version can read (no cross-attention "
                                      "weights found); T2I-Adapters and IP-Adapters are other kinds")
-            model = ControlNetModel.from_single_file(state, config=str(config_dir(family)), local_files_only=True,
-                                                     torch_dtype=dtype)
+            config = ControlNetModel.load_config(config_dir(family))
+            model = ControlNetModel.from_single_file(diffusers_state(state, config), config=str(config_dir(family)),
+                                                     local_files_only=True, torch_dtype=dtype)
     except ModelLoadError:
         raise
     except Exception as exc:
         text = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:300]
         raise ModelLoadError(f"ControlNet {entry.name} could not be loaded: {text}") from exc
     return model.requires_grad_(False).eval()
+
+
+_LDM_PREFIX = "control_model."
+# What diffusers' ControlNet converter leaves out: the SDXL size/time embedding of LDM-layout files.
+_LABEL_EMB = {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
+
+
+def diffusers_state(state: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """ControlNet weights in diffusers names: LDM-layout files (`control_model.*` or bare, as
+    lllyasviel's) through diffusers' single-file converter, plus the SDXL `label_emb` it skips;
+    diffusers-layout files as they are. Works on meta tensors too (no data is touched)."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    if "time_embedding.linear_1.weight" in state:
+        return dict(state)
+    converted = convert_controlnet_checkpoint(dict(state), dict(config))
+    bare = {k[len(_LDM_PREFIX):] if k.startswith(_LDM_PREFIX) else k: v for k, v in state.items()}
+    for ldm, name in _LABEL_EMB.items():
+        for param in ("weight", "bias"):
+            if f"{ldm}.{param}" in bare:
+                converted[f"{name}.{param}"] = bare[f"{ldm}.{param}"]
+    return {k: v for k, v in converted.items() if v is not None}
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
