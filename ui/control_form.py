@@ -7,8 +7,9 @@ from typing import Any, Mapping
 from pipelines.control import ControlUnit
 from pipelines.control.units import NO_MODEL
 
-UNIT_FIELDS = ("enabled", "image", "module", "model", "weight", "guidance_start", "guidance_end",
+UNIT_FIELDS = ("enabled", "type", "image", "module", "model", "weight", "guidance_start", "guidance_end",
                "control_mode", "resize_mode", "pixel_perfect", "processor_res", "threshold_a", "threshold_b")
+_ATTRIBUTES = {"type": "unit_type"}  # form field -> ControlUnit attribute, where they differ
 IMAGE_NOT_RESTORED = "ControlNet settings restored; the control images are not stored in infotext: upload them again."
 
 
@@ -38,7 +39,8 @@ def _unit(values: Mapping[str, Any], index: int) -> ControlUnit:
 
     try:
         return ControlUnit(
-            enabled=True, image=get("image", None), module=get("module", "none"), model=get("model", NO_MODEL),
+            enabled=True, unit_type=get("type", "All"), image=get("image", None), module=get("module", "none"),
+            model=get("model", NO_MODEL),
             weight=float(get("weight", 1.0)), guidance_start=float(get("guidance_start", 0.0)),
             guidance_end=float(get("guidance_end", 1.0)), control_mode=get("control_mode", "Balanced"),
             resize_mode=get("resize_mode", "Crop and Resize"), pixel_perfect=bool(get("pixel_perfect", False)),
@@ -59,6 +61,31 @@ def form_from_units(units: list[ControlUnit], count: int) -> dict[str, Any]:
         unit = units[index]
         for field in UNIT_FIELDS:
             if field != "image":
-                values[field_name(index, field)] = getattr(unit, field)
+                values[field_name(index, field)] = getattr(unit, _ATTRIBUTES.get(field, field))
         values[field_name(index, "enabled")] = True
     return values
+
+
+def stroke_mask(editor_value: Any):
+    """Where the user drew on a GLIGEN canvas (an ImageEditor value: `layers` of RGBA images over
+    a background): H x W bools, the union of the layers' painted (non-transparent) pixels."""
+    import numpy as np
+
+    layers = (editor_value.get("layers") or []) if isinstance(editor_value, Mapping) else []
+    masks = []
+    for layer in layers:
+        if layer is None:
+            continue
+        pixels = np.asarray(layer.convert("RGBA") if hasattr(layer, "convert") else layer)
+        if pixels.ndim == 3 and pixels.shape[2] == 4:
+            masks.append(pixels[..., 3] > 0)
+        elif pixels.ndim >= 2:
+            masks.append((pixels.reshape(pixels.shape[:2] + (-1,)) > 0).any(axis=2))
+    if not masks:
+        raise ValueError("draw at least one box on the GLIGEN canvas first")
+    return np.logical_or.reduce(masks)
+
+
+def boxes_text(boxes) -> str:
+    """GLIGEN boxes as the Boxes textbox shows them: `phrase: x0, y0, x1, y1`, one per line."""
+    return "\n".join(f"{phrase}: {x0:g}, {y0:g}, {x1:g}, {y1:g}" for phrase, x0, y0, x1, y1 in boxes)

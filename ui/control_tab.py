@@ -1,8 +1,10 @@
 """The ControlNet accordion of the txt2img and img2img tabs: `control_net_unit_count` units
-(settings), each with input image, preprocessor and its thresholds, model (only those that fit
+(settings), each with a Control Type (All / ControlNet / T2I-Adapter / IP-Adapter: filters the
+model list by kind), input image, preprocessor and its thresholds, model (only those that fit
 the selected checkpoint), weight, guidance range, control mode, resize mode, pixel perfect, and
 a Preview button that shows the detected map. Components are registered as `<tab>.cnN_<field>`,
-so the tab's Generate handler receives them by name (ui/control_form.py builds the units)."""
+so the tab's Generate handler receives them by name (ui/control_form.py builds the units).
+The GLIGEN accordion takes boxes typed as text or drawn on a canvas ("Use the drawn boxes")."""
 from __future__ import annotations
 
 import functools
@@ -13,13 +15,14 @@ import gradio as gr
 
 from pipelines.control import CONTROL_MODES, RESIZE_MODES, preprocessors
 from pipelines.control.apply import pixel_perfect_resolution
-from pipelines.control.gligen import gligen_files
+from pipelines.control.gligen import boxes_from_strokes, gligen_files
 from pipelines.control.ip_adapter import ip_adapter_entry, ip_adapter_files
 from pipelines.control.models import family_of_arch, family_of_entry, model_kind
-from pipelines.control.units import NO_MODEL, units_from_infotext
+from pipelines.control.units import NO_MODEL, UNIT_TYPE_KINDS, UNIT_TYPES, unit_type_name, units_from_infotext
 from ui.components import ComponentRegistry
 from ui.context import AppContext
-from ui.control_form import IMAGE_NOT_RESTORED, UNIT_FIELDS, control_fields, field_name, form_from_units
+from ui.control_form import (IMAGE_NOT_RESTORED, UNIT_FIELDS, boxes_text, control_fields, field_name,
+                             form_from_units, stroke_mask)
 from ui.errors import user_error
 from ui.guarded_images import guard_uploads
 
@@ -59,9 +62,11 @@ def optional_images(ctx: AppContext, handler: Callable) -> Callable:
     return with_optional_images
 
 
-def model_choices(ctx: AppContext, checkpoint: str | None) -> list[str]:
+def model_choices(ctx: AppContext, checkpoint: str | None, unit_type: str = "All") -> list[str]:
     """"None" and the ControlNets that fit the checkpoint's base model (unknown ones too: a
-    .pth cannot be probed without loading it; loading checks again)."""
+    .pth cannot be probed without loading it; loading checks again), only those of the kind
+    `unit_type` names (UNIT_TYPES; "All": every kind but image encoders)."""
+    wanted_kind = UNIT_TYPE_KINDS.get(unit_type_name(unit_type))
     wanted = None
     try:
         entry = ctx.registry.find("checkpoint", checkpoint) if checkpoint else ctx.registry.default_checkpoint()
@@ -74,7 +79,8 @@ def model_choices(ctx: AppContext, checkpoint: str | None) -> list[str]:
     entries += [e for e in (ip_adapter_entry(models_dir, n) for n in ip_adapter_files(models_dir)) if e]
     for entry in entries:
         try:
-            if model_kind(entry) == "image_encoder":
+            kind = model_kind(entry)
+            if kind == "image_encoder" or wanted_kind not in (None, kind):
                 continue
             family = family_of_entry(entry)
         except (OSError, ValueError):
@@ -124,8 +130,27 @@ def build(ctx: AppContext, reg: ComponentRegistry, tab: str) -> None:
         reg.add(f"{tab}.gligen_boxes", gr.Textbox(
             "", lines=3, label="Boxes: one per line, 'phrase: x0, y0, x1, y1' (fractions of the image, 0-1)",
             placeholder="a red square: 0.1, 0.1, 0.5, 0.5"))
+        with gr.Accordion("Draw the boxes", open=False):
+            # The canvas stands for the whole image: each separate stroke group is one box.
+            reg.add(f"{tab}.gligen_canvas", gr.ImageEditor(
+                type="numpy", label="Draw one outline or blob per object", canvas_size=(512, 512), height=320,
+                sources=["upload", "clipboard"], layers=False, brush=gr.Brush(default_size=6, colors=["#ff3030"])))
+            reg.add(f"{tab}.gligen_phrases", gr.Textbox(
+                "", lines=2, label="Phrases of the drawn boxes, one per line (top to bottom, then left to right)"))
+            reg.add(f"{tab}.gligen_from_drawing", gr.Button("Use the drawn boxes", size="sm"))
     refresh.click(lambda: gr.update(choices=[""] + gligen_files(ctx.registry.paths.models_dir)),
                   outputs=[reg[f"{tab}.gligen_model"]], **_PRIVATE)
+
+    def use_drawing(canvas: Any, phrases: str | None) -> str:
+        """The Boxes text for the strokes on the canvas, replacing what was there."""
+        try:
+            return boxes_text(boxes_from_strokes(stroke_mask(canvas), (phrases or "").splitlines()))
+        except ValueError as exc:
+            raise user_error(exc) from exc
+
+    reg[f"{tab}.gligen_from_drawing"].click(use_drawing, inputs=[reg[f"{tab}.gligen_canvas"],
+                                                                 reg[f"{tab}.gligen_phrases"]],
+                                            outputs=[reg[f"{tab}.gligen_boxes"]], **_PRIVATE)
 
 
 def _unit(reg: ComponentRegistry, tab: str, index: int, choices: list[str], max_pixels: int,
@@ -139,6 +164,7 @@ def _unit(reg: ComponentRegistry, tab: str, index: int, choices: list[str], max_
                                             sources=["upload", "clipboard"], height=240), max_pixels))
         reg.add(f"{tab}.cn{index}_preview_image", gr.Image(type="pil", label="Detected map", interactive=False,
                                                            height=240))
+    add("type", gr.Radio(list(UNIT_TYPES), value=UNIT_TYPES[0], label="Control Type"))
     with gr.Row():
         add("enabled", gr.Checkbox(False, label="Enable"))
         add("pixel_perfect", gr.Checkbox(False, label="Pixel perfect"))
@@ -198,18 +224,19 @@ def _wire_unit(ctx: AppContext, reg: ComponentRegistry, tab: str, index: int) ->
     reg[f"{tab}.cn{index}_preview"].click(preview, inputs=inputs, outputs=[reg[f"{tab}.cn{index}_preview_image"]],
                                           **public)
 
-    def refresh(checkpoint: str | None, current: str | None):
+    def refresh(checkpoint: str | None, current: str | None, unit_type: str = UNIT_TYPES[0]):
         ctx.registry.refresh()
-        return refilter(checkpoint, current)
+        return refilter(checkpoint, current, unit_type)
 
-    reg[f"{tab}.cn{index}_refresh"].click(refresh, inputs=[reg["checkpoint"], comp("model")],
-                                          outputs=[comp("model")], **_PRIVATE)
-    def refilter(checkpoint: str | None, current: str | None):
-        choices = model_choices(ctx, checkpoint)
+    def refilter(checkpoint: str | None, current: str | None, unit_type: str = UNIT_TYPES[0]):
+        """The model list for the checkpoint and the unit's Control Type (the choice kept if it fits)."""
+        choices = model_choices(ctx, checkpoint, unit_type)
         return gr.update(choices=choices, value=current if current in choices else NO_MODEL)
 
-    reg["checkpoint"].change(refilter, inputs=[reg["checkpoint"], comp("model")], outputs=[comp("model")],
-                             **_PRIVATE)
+    filter_inputs = [reg["checkpoint"], comp("model"), comp("type")]
+    reg[f"{tab}.cn{index}_refresh"].click(refresh, inputs=filter_inputs, outputs=[comp("model")], **_PRIVATE)
+    reg["checkpoint"].change(refilter, inputs=filter_inputs, outputs=[comp("model")], **_PRIVATE)
+    comp("type").input(refilter, inputs=filter_inputs, outputs=[comp("model")], **_PRIVATE)
 
 
 def wire_paste(ctx: AppContext, reg: ComponentRegistry) -> None:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from pipelines import imageops
 from pipelines.control import gligen, ip_adapter, models, preprocessors, t2i_adapter
-from pipelines.control.units import CONTROL_MODES, ControlUnit
+from pipelines.control.units import CONTROL_MODES, UNIT_TYPE_KINDS, ControlUnit
 
 SOFT_INJECTION_BASE = 0.825
 
@@ -151,7 +151,7 @@ def resolve_entry(registry, name: str):
     try:
         return registry.find("controlnet", name)
     except ValueError:
-        entry = ip_adapter.ip_adapter_entry(registry.paths.models_dir, name)
+        entry = ip_adapter.ip_adapter_entry(registry.paths.models_dir, name, registry.cached_sha256)
         if entry is None:
             raise
         return entry
@@ -165,6 +165,11 @@ def _resolve(manager, active, request) -> list[_Resolved]:
         if kind == "image_encoder":
             raise ValueError(f"{entry.name} is a CLIP image encoder, used by IP-Adapters by itself; "
                              "pick a ControlNet or an IP-Adapter as the unit's model")
+        wanted = UNIT_TYPE_KINDS.get(unit.unit_type)
+        if wanted is not None and kind != wanted:
+            found = next(t for t, k in UNIT_TYPE_KINDS.items() if k == kind)
+            raise ValueError(f"ControlNet unit {index}: {entry.name} is a {found} model, but the unit's "
+                             f"type is {unit.unit_type}; pick a {unit.unit_type} model or type All")
         models.check_compatible(entry, models.family_of_entry(entry), active.arch, active.checkpoint.name)
         full_range = (unit.guidance_start, unit.guidance_end, unit.control_mode) == (0, 1, CONTROL_MODES[0])
         if kind == "ip_adapter" and not full_range:

@@ -122,3 +122,33 @@ def cross_attention_kwargs(pipe, boxes: Sequence[tuple], batch: int, cfg: bool) 
         coords, positive, masks = torch.cat([coords] * 2), torch.cat([positive] * 2), torch.cat([masks] * 2)
         masks[:batch] = 0
     return {"gligen": {"boxes": coords, "positive_embeddings": positive, "masks": masks}}
+
+
+def boxes_from_strokes(strokes, phrases: Sequence[str], min_side: int = 3) -> tuple[tuple, ...]:
+    """Drawn GLIGEN boxes: every separate stroke group of `strokes` (H x W, true where drawn)
+    becomes the box around it, as (phrase, x0, y0, x1, y1) fractions of the canvas. Groups are
+    taken in reading order (top edge, then left edge) and get `phrases` in that order; specks
+    narrower or lower than `min_side` pixels are ignored."""
+    import cv2
+    import numpy as np
+
+    mask = np.asarray(strokes).astype(bool)
+    if mask.ndim != 2 or not mask.any():
+        raise ValueError("draw at least one box on the GLIGEN canvas first")
+    height, width = mask.shape
+    # A hand-drawn outline has small gaps: close them so one drawn box is one group.
+    grown = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8))
+    count, labels = cv2.connectedComponents(grown, connectivity=8)
+    found = []
+    for label in range(1, count):
+        ys, xs = np.nonzero(mask & (labels == label))  # the drawn pixels, without the dilation
+        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        if x1 - x0 >= min_side and y1 - y0 >= min_side:
+            found.append((y0, x0, x1, y1))
+    found.sort()
+    names = [p.strip() for p in phrases if p and p.strip()]
+    if len(names) != len(found):
+        raise ValueError(f"{len(found)} box(es) drawn but {len(names)} phrase(s) given: write one phrase per "
+                         "line for each drawn box, in reading order (top to bottom, then left to right)")
+    return tuple((name, round(x0 / width, 3), round(y0 / height, 3), round(x1 / width, 3), round(y1 / height, 3))
+                 for name, (y0, x0, x1, y1) in zip(names, found))

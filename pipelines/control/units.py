@@ -19,6 +19,10 @@ from PIL import Image
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 NO_MODEL = "None"
+# The unit's "Control Type": which kind of model it takes ("All": any). Model kinds as
+# pipelines.control.models.model_kind names them.
+UNIT_TYPES = ("All", "ControlNet", "T2I-Adapter", "IP-Adapter")
+UNIT_TYPE_KINDS = {"ControlNet": "controlnet", "T2I-Adapter": "t2i_adapter", "IP-Adapter": "ip_adapter"}
 # Older extension versions and some clients use these labels.
 _RESIZE_ALIASES = {"scale to fit (inner fit)": "Crop and Resize", "envelope (outer fit)": "Resize and Fill",
                    "inner fit": "Crop and Resize", "outer fit": "Resize and Fill"}
@@ -40,9 +44,11 @@ class ControlUnit:
     processor_res: int = 512
     threshold_a: float = -1.0  # -1: the preprocessor's default
     threshold_b: float = -1.0
+    unit_type: str = "All"  # one of UNIT_TYPES: the model must be of that kind
     image: Image.Image | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "unit_type", unit_type_name(self.unit_type))
         object.__setattr__(self, "control_mode", control_mode_name(self.control_mode))
         object.__setattr__(self, "resize_mode", resize_mode_name(self.resize_mode))
         object.__setattr__(self, "module", (self.module or "none").strip())
@@ -173,6 +179,15 @@ def units_from_infotext(params: Mapping[str, Any]) -> list[ControlUnit]:
             except ValueError:
                 continue
     return [unit for _, unit in sorted(found, key=lambda pair: pair[0])]
+
+
+def unit_type_name(value: Any) -> str:
+    text = str(value or "All").strip()
+    key = text.casefold().replace("_", "-").replace(" ", "-")
+    for name in UNIT_TYPES:
+        if key in (name.casefold(), name.casefold().replace("-", "")):
+            return name
+    raise ValueError(f"ControlNet unit type must be one of {', '.join(UNIT_TYPES)}, got {value!r}")
 
 
 def control_mode_name(value: Any) -> str:

@@ -1,18 +1,23 @@
 """ControlNet on tiny-world: a ControlNet built from tiny-world's own UNet (random, non-zero
 zero-convs) loads from a single file in both key layouts and steers generation as the weight,
 guidance range and control mode say. Compared against the model's own output without control."""
+import re
+
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 import torch
 
-from pipelines.control import ControlUnit
+from pipelines.control import ControlUnit, units_from_infotext
+from pipelines.control.apply import attach
 from pipelines.generate import generate
+from pipelines.metadata import parse_infotext
 from pipelines.request import GenerationRequest
 from pipelines.settings import BUILTIN_MODELS_DIR
-from tests.control_factories import (tiny_controlnet, tiny_t2i_adapter, write_controlnet, write_t2i_adapter,
-                                     write_tiny_gligen, write_tiny_ip_adapter)
+from tests.control_factories import (controlnet_to_ldm, tiny_controlnet, tiny_t2i_adapter, write_controlnet,
+                                     write_t2i_adapter, write_tiny_gligen, write_tiny_ip_adapter)
 from tests.integration.conftest import make_engine
 
 
@@ -35,6 +40,10 @@ def control_engine(tmp_path_factory):
     write_t2i_adapter(folder / "t2iadapter_tiny_sketch.safetensors", tiny_t2i_adapter(unet, seed=5))
     write_t2i_adapter(folder / "t2iadapter_tiny_canny_original.safetensors",
                       tiny_t2i_adapter(unet, seed=6, in_channels=1), layout="original")
+    # the same weights as control_tiny_canny, as a weights-only torch.save of the LDM state dict
+    torch.save(controlnet_to_ldm(tiny_controlnet(unet, seed=1)), folder / "control_tiny_canny_pth.pth")
+    # an IP-Adapter with its image encoder in models/ControlNet (A1111 extension users keep them there)
+    write_tiny_ip_adapter(root / "models", unet, name="ip-adapter_cn.safetensors", seed=3, folder="ControlNet")
     manager.registry.refresh()
     return manager
 
@@ -126,11 +135,25 @@ def test_sdxl_controlnet_with_sd1_class_checkpoint_is_refused(control_engine):
     assert control_engine.load_counts["controlnet"] <= 2  # nothing was loaded for it
 
 
-def test_controlnet_stays_cached_and_base_pipeline_clean(control_engine, baseline):
+def test_controlnet_stays_cached_and_base_pipeline_clean(control_engine, baseline, full):  # full: loaded once
     loads = control_engine.load_counts["controlnet"]
     run(control_engine, UNIT)
     assert control_engine.load_counts["controlnet"] == loads
     assert np.array_equal(run(control_engine)[0], baseline)
+    # never a second copy of the base model: the control pipeline holds the base's own modules,
+    # and the cached ControlNet object itself
+    request = BASE.with_changes(control_units=(UNIT,))
+    with control_engine.pipeline("txt2img", None) as active:
+        with attach(control_engine, active, request) as (joined, _kwargs):
+            first = joined.pipe
+            assert first is not active.pipe
+            for name in ("unet", "vae", "text_encoder"):
+                assert getattr(first, name) is getattr(active.pipe, name), name
+            net = first.controlnet.nets[0]
+        with attach(control_engine, active, request) as (again, _kwargs):
+            assert again.pipe.controlnet.nets[0] is net
+        assert not hasattr(active.pipe, "controlnet")
+    assert control_engine.load_counts["controlnet"] == loads
 
 
 def test_missing_image_and_unknown_model_are_clear(control_engine):
@@ -258,3 +281,86 @@ def test_controlnet_on_a_tiny_sdxl_checkpoint(tmp_path, control_engine):
     # the SD1-class tiny-world ControlNet does not fit this UNet: refused after loading
     with pytest.raises(ValueError, match="pick a ControlNet made for its base model"):
         generate(manager, None, request.with_changes(control_units=(unit.with_changes(model="tw_canny"),)))
+
+
+# --- loading, pasting, control maps (after the load-count checks above) ------------------------
+
+def test_pth_controlnet_loads_and_matches_its_safetensors_twin(control_engine, full):
+    image, infotext = run(control_engine, UNIT.with_changes(model="control_tiny_canny_pth"))
+    assert np.array_equal(image, full[0])
+    assert 'Model: control_tiny_canny_pth [' in infotext
+
+
+def test_pasted_ip_adapter_unit_generates_the_same_image(control_engine):
+    first, infotext = run(control_engine, IP_UNIT)
+    (pasted,) = units_from_infotext(parse_infotext(infotext))
+    assert re.fullmatch(r"ip-adapter_tiny \[[0-9a-f]{8}\]", pasted.model)
+    again, _ = run(control_engine, pasted.with_changes(image=square()))  # infotext carries no image
+    assert np.array_equal(again, first)
+    # a renamed file is still found by the hash of the title
+    renamed = pasted.with_changes(model="ip-adapter_old_name " + pasted.model.split(" ", 1)[1], image=square())
+    assert np.array_equal(run(control_engine, renamed)[0], first)
+
+
+def test_ip_adapter_and_image_encoder_in_the_controlnet_folder(control_engine, baseline):
+    on, infotext = run(control_engine, IP_UNIT.with_changes(model="ip-adapter_cn"))
+    assert distance(on, baseline) > 1 and "Model: ip-adapter_cn [" in infotext
+    encoder = control_engine.registry.paths.models_dir / "ControlNet" / "image_encoder"
+    assert ("image_encoder", str(encoder)) in control_engine.cache.keys()
+
+
+def test_gligen_in_img2img(control_engine):
+    changes = dict(task="img2img", init_image=Image.new("RGB", (64, 64), (40, 80, 200)), denoising_strength=0.8)
+    off, _ = run(control_engine, **changes)
+    on, infotext = run(control_engine, **changes, **GLIGEN)
+    assert distance(on, off) > 0.1 and "GLIGEN boxes: a red square 0.1 0.1 0.6 0.6" in infotext
+    assert np.array_equal(run(control_engine, **changes)[0], off)  # nothing left grafted
+
+
+def control_map(manager, unit, **changes) -> np.ndarray:
+    """The control image generation hands the pipeline for `unit`."""
+    request = BASE.with_changes(control_units=(unit,), **changes)
+    with manager.pipeline(request.task, None) as active, attach(manager, active, request) as (_pipe, kwargs):
+        return np.asarray(kwargs["image" if request.task == "txt2img" else "control_image"][0].convert("RGB"))
+
+
+def bands() -> Image.Image:
+    """128x64: red | green | blue columns (32, 64, 32 wide) under an 8-row white top band."""
+    image = Image.new("RGB", (128, 64), (0, 255, 0))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, 31, 63), fill=(255, 0, 0))
+    draw.rectangle((96, 0, 127, 63), fill=(0, 0, 255))
+    draw.rectangle((0, 0, 127, 7), fill=(255, 255, 255))
+    return image
+
+
+RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("Just Resize", {(32, 8): RED, (32, 32): GREEN, (32, 56): BLUE, (4, 32): WHITE, (12, 32): GREEN}),
+    ("Crop and Resize", {(32, 8): GREEN, (32, 56): GREEN, (4, 32): WHITE, (12, 32): GREEN}),
+    ("Resize and Fill", {(32, 8): RED, (32, 56): BLUE, (12, 32): WHITE, (52, 32): GREEN}),
+])
+def test_each_resize_mode_shapes_the_map_the_pipeline_gets(control_engine, mode, expected):
+    got = control_map(control_engine, UNIT.with_changes(module="none", image=bands(), resize_mode=mode))
+    assert got.shape == (64, 64, 3)
+    for (y, x), colour in expected.items():
+        assert np.abs(got[y, x].astype(int) - colour).max() <= 8, (mode, y, x, got[y, x])
+
+
+def test_pixel_perfect_runs_the_preprocessor_at_the_generation_size(control_engine):
+    source = square(128)
+    exact = cv2.Canny(np.asarray(source), 100, 200)
+    perfect = control_map(control_engine, UNIT.with_changes(image=source, pixel_perfect=True, processor_res=64),
+                          width=128, height=128)
+    assert perfect.shape == (128, 128, 3) and np.array_equal(perfect[..., 0], exact)
+    coarse = control_map(control_engine, UNIT.with_changes(image=source, processor_res=64), width=128, height=128)
+    assert coarse.shape == perfect.shape and not np.array_equal(coarse, perfect)  # 64 px edges, upscaled
+
+
+def test_a_unit_type_that_does_not_match_its_model_is_refused(control_engine, full):
+    with pytest.raises(ValueError, match="control_tiny_canny.safetensors is a ControlNet model, but the unit's "
+                                         "type is IP-Adapter"):
+        run(control_engine, UNIT.with_changes(unit_type="IP-Adapter"))
+    assert np.array_equal(run(control_engine, UNIT.with_changes(unit_type="ControlNet"))[0], full[0])
