@@ -2,10 +2,10 @@
 
 The weight-free ones (none, invert, canny, threshold, scribble_xdog, shuffle, tile_resample,
 blur_gaussian) are ours, with OpenCV and numpy, and always work. The ones that need annotator
-networks (lineart, HED/PiDiNet soft edges, depth, openpose, mlsd, normal, segmentation) are
-listed with the file they need: `controlnet_aux` cannot be imported here (its package imports
-torchvision-based detectors at import time, and torchvision does not match our torch build),
-so they report exactly which file goes where and why they cannot run.
+networks (lineart, HED/PiDiNet soft edges, depth, openpose, mlsd, segmentation) run through
+annotators.py (controlnet_aux networks, transformers depth/segmentation models) from files in
+models/annotators; while a file or package is missing they say exactly which file goes where.
+normal_bae and seg_ofade20k are listed with their files but cannot run in Easel yet.
 
 Thresholds follow the extension: -1 means "the preprocessor's default".
 
@@ -22,7 +22,9 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-ANNOTATORS_FOLDER = "annotators"
+from pipelines.control import annotators
+
+ANNOTATORS_FOLDER = annotators.ANNOTATORS_FOLDER
 _AUX_REPO = "lllyasviel/Annotators"
 
 
@@ -132,8 +134,10 @@ def _rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=2)
 
 
-def _needs(name: str, annotator: str, *aliases: str) -> Preprocessor:
-    return Preprocessor(name=name, run=None, annotator=annotator, aliases=aliases)
+def _needs(name: str, annotator: str, *aliases: str, a: Slider | None = None,
+           b: Slider | None = None) -> Preprocessor:
+    """`annotator`: its (first) file; annotators.ANNOTATORS has all it needs and its network."""
+    return Preprocessor(name=name, run=None, threshold_a=a, threshold_b=b, annotator=annotator, aliases=aliases)
 
 
 _ALL = (
@@ -153,17 +157,18 @@ _ALL = (
     _needs("lineart_anime", f"{_AUX_REPO}/netG.pth"),
     _needs("softedge_hed", f"{_AUX_REPO}/ControlNetHED.pth", "hed", "softedge"),
     _needs("softedge_pidinet", f"{_AUX_REPO}/table5_pidinet.pth", "pidinet"),
-    _needs("depth_midas", f"{_AUX_REPO}/dpt_hybrid-midas-501f0c75.pt", "depth"),
-    _needs("depth_zoe", f"{_AUX_REPO}/ZoeD_M12_N.pt"),
-    _needs("depth_anything", "LiheYoung/Depth-Anything/checkpoints/depth_anything_vitl14.pth"),
+    _needs("depth_midas", "Intel/dpt-hybrid-midas/", "depth"),
+    _needs("depth_zoe", "Intel/zoedepth-nyu-kitti/"),
+    _needs("depth_anything", "LiheYoung/depth-anything-large-hf/"),
     _needs("openpose", f"{_AUX_REPO}/body_pose_model.pth"),
     _needs("openpose_hand", f"{_AUX_REPO}/hand_pose_model.pth"),
     _needs("openpose_face", f"{_AUX_REPO}/facenet.pth"),
     _needs("openpose_full", f"{_AUX_REPO}/body_pose_model.pth"),
-    _needs("mlsd", f"{_AUX_REPO}/mlsd_large_512_fp32.pth"),
+    _needs("mlsd", f"{_AUX_REPO}/mlsd_large_512_fp32.pth", a=Slider("MLSD Value Threshold", 0.1, 0.01, 2.0, 0.01),
+           b=Slider("MLSD Distance Threshold", 0.1, 0.01, 20.0, 0.01)),
     _needs("normal_bae", f"{_AUX_REPO}/scannet.pt", "normal"),
-    _needs("seg_ofade20k", f"{_AUX_REPO}/250_16_swin_l_oneformer_ade20k_160k.pth", "segmentation"),
-    _needs("seg_ufade20k", f"{_AUX_REPO}/upernet_global_small.pth"),
+    _needs("seg_ofade20k", f"{_AUX_REPO}/250_16_swin_l_oneformer_ade20k_160k.pth"),
+    _needs("seg_ufade20k", "openmmlab/upernet-convnext-small/", "segmentation"),
 )
 
 PREPROCESSORS = MappingProxyType({p.name: p for p in _ALL})
@@ -236,22 +241,23 @@ def get(name: str, table: PreprocessorTable | None = None) -> Preprocessor:
 
 
 def annotator_path(preprocessor: Preprocessor, models_dir: Path) -> Path | None:
-    return None if preprocessor.annotator is None else models_dir / ANNOTATORS_FOLDER / preprocessor.annotator
+    """Where its (first) annotator file or folder goes."""
+    return None if preprocessor.annotator is None else annotators.expected_path(models_dir, preprocessor.annotator)
 
 
 def unavailable_reason(preprocessor: Preprocessor, models_dir: Path) -> str | None:
     """None when the preprocessor can run, else what to do about it."""
-    path = annotator_path(preprocessor, models_dir)
-    if path is None:
+    if preprocessor.annotator is None:
         return None
-    where = f"put {Path(preprocessor.annotator).name} (from the {preprocessor.annotator.rsplit('/', 1)[0]} " \
-            f"repository) at {path}"
-    if not path.is_file():
-        return f"preprocessor '{preprocessor.name}' needs its annotator network: {where}"
-    return (f"preprocessor '{preprocessor.name}' found {path}, but its network runs through controlnet_aux, "
-            "which cannot be imported without torchvision (not installable for this torch build); "
-            "use a weight-free preprocessor (canny, scribble_xdog, threshold, ...) or upload a ready-made "
-            "control map with preprocessor 'none'")
+    network = annotators.ANNOTATORS.get(preprocessor.name)
+    if network is not None:
+        return annotators.unavailable_reason(preprocessor.name, network, models_dir)
+    found = annotators.locate(models_dir, preprocessor.annotator)
+    if found is None:
+        return (f"preprocessor '{preprocessor.name}' needs its annotator network: "
+                f"{annotators.where(models_dir, preprocessor.annotator)}")
+    return (f"preprocessor '{preprocessor.name}' found {found}, but Easel cannot run this network yet; "
+            "use another preprocessor, or upload a ready-made control map with preprocessor 'none'")
 
 
 def detect(name: str, image: Image.Image, *, resolution: int = 512, threshold_a: float = -1,
@@ -259,13 +265,20 @@ def detect(name: str, image: Image.Image, *, resolution: int = 512, threshold_a:
            table: PreprocessorTable | None = None) -> Image.Image:
     """Run one preprocessor on an image at `resolution` (short side; -1 keeps the size)."""
     preprocessor = get(name, table)
-    if preprocessor.run is None:
-        raise PreprocessorUnavailable(unavailable_reason(preprocessor, models_dir or Path("models")))
+    models_dir = Path(models_dir or "models")
+    reason = unavailable_reason(preprocessor, models_dir)
+    if reason:
+        raise PreprocessorUnavailable(reason)
     source = image.convert("RGB")
     if resolution and resolution > 0 and preprocessor.name != "none":
         source = _short_side(source, int(resolution))
-    out = preprocessor.run(np.asarray(source).copy(), preprocessor.value_a(threshold_a),
-                           preprocessor.value_b(threshold_b))
+    pixels, value_a, value_b = np.asarray(source).copy(), preprocessor.value_a(threshold_a), preprocessor.value_b(
+        threshold_b)
+    if preprocessor.run is None:
+        out = annotators.run(preprocessor.name, annotators.ANNOTATORS[preprocessor.name], pixels, value_a, value_b,
+                             models_dir)
+    else:
+        out = preprocessor.run(pixels, value_a, value_b)
     return Image.fromarray(np.ascontiguousarray(out, dtype=np.uint8), "RGB")
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.control import preprocessors
+from pipelines.control import annotators, preprocessors
 
 
 def white_square(size=64, box=(16, 16, 47, 47)) -> Image.Image:
@@ -63,14 +63,28 @@ def test_processor_resolution_sets_the_short_side():
 @pytest.mark.parametrize("name", [p.name for p in preprocessors.PREPROCESSORS.values() if p.needs_weights])
 def test_weight_needing_preprocessors_say_which_file_goes_where(name, tmp_path):
     preprocessor = preprocessors.get(name)
-    expected = tmp_path / "annotators" / preprocessor.annotator
+    expected = preprocessors.annotator_path(preprocessor, tmp_path)
+    assert expected.is_relative_to(tmp_path / "annotators")
     with pytest.raises(preprocessors.PreprocessorUnavailable) as error:
         preprocessors.detect(name, white_square(), models_dir=tmp_path)
     assert str(expected) in str(error.value) and "needs its annotator network" in str(error.value)
-    expected.parent.mkdir(parents=True)
-    expected.write_bytes(b"weights")
-    with pytest.raises(preprocessors.PreprocessorUnavailable, match="torchvision"):
+    # damaged files where they belong: a short error naming them (or the missing package), no download
+    network = annotators.ANNOTATORS.get(name)
+    for rel in network.files if network else (preprocessor.annotator,):
+        path = annotators.expected_path(tmp_path, rel)
+        if rel.endswith("/"):
+            path.mkdir(parents=True)
+            (path / "config.json").write_text("{}")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"weights")
+    with pytest.raises(ValueError) as error:
         preprocessors.detect(name, white_square(), models_dir=tmp_path)
+    message = str(error.value)
+    if network is None:
+        assert "Easel cannot run this network yet" in message
+    else:
+        assert "is not installed" in message or "are not installed" in message or str(tmp_path) in message
 
 
 def test_unknown_preprocessor():
