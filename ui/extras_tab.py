@@ -12,6 +12,7 @@ from pipelines import extras, upscalers
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
+from ui.guarded_images import guard_uploads
 
 TAB = "extras"
 OPTION_FIELDS = ("resize_mode", "upscaling_resize", "upscaling_resize_w", "upscaling_resize_h", "upscaling_crop",
@@ -46,6 +47,11 @@ def run_images(ctx: AppContext, images, values: dict[str, Any]) -> tuple[list[st
     return paths, text
 
 
+def _limits(ctx: AppContext) -> dict[str, int]:
+    """The upload limits from the settings, for files read by open_images."""
+    return {"max_pixels": ctx.settings.max_upload_pixels, "max_bytes": int(ctx.settings.max_upload_mb * (1 << 20))}
+
+
 def build(ctx: AppContext, reg: ComponentRegistry) -> None:
     names = upscalers.upscaler_names(ctx.registry.paths.models_dir)
     p = f"{TAB}."
@@ -54,8 +60,11 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
             with gr.Column():
                 with gr.Tabs():
                     with gr.Tab("Single Image"):
-                        reg.add(p + "image", gr.Image(label="Source", type="filepath", image_mode=None,
-                                                      sources=["upload", "clipboard"], elem_id="extras_image"))
+                        # Header checked before Gradio opens it: bombs and non-images get a short error.
+                        reg.add(p + "image", guard_uploads(gr.Image(label="Source", type="filepath", image_mode=None,
+                                                                    sources=["upload", "clipboard"],
+                                                                    elem_id="extras_image"),
+                                                           ctx.settings.max_upload_pixels))
                         reg.add(p + "run_single", gr.Button("Upscale", variant="primary", elem_id="extras_run"))
                     with gr.Tab("Batch Process"):
                         reg.add(p + "files", gr.File(label="Images", file_count="multiple", file_types=["image"]))
@@ -92,7 +101,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         try:
             if not image:
                 raise ValueError("upload an image first")
-            return run_images(ctx, extras.open_images([image]), values)
+            return run_images(ctx, extras.open_images([image], **_limits(ctx)), values)
         except ValueError as exc:
             raise user_error(exc) from exc
 
@@ -104,7 +113,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
             if len(files) > extras.MAX_BATCH:
                 raise ValueError(f"at most {extras.MAX_BATCH} images per batch")
             paths = [getattr(f, "name", f) for f in files]
-            return run_images(ctx, extras.open_images(paths), values)
+            return run_images(ctx, extras.open_images(paths, **_limits(ctx)), values)
         except ValueError as exc:
             raise user_error(exc) from exc
 
@@ -112,7 +121,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         """Upscale every image in a folder inside the data folder (same options)."""
         try:
             paths = extras.batch_folder_images(input_dir, ctx.settings.data_dir)
-            return run_images(ctx, extras.open_images(paths), values)
+            return run_images(ctx, extras.open_images(paths, **_limits(ctx)), values)
         except ValueError as exc:
             raise user_error(exc) from exc
 
