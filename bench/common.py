@@ -112,3 +112,31 @@ def append_section(title: str, command: str, env: dict, table: str, notes: str =
         block += f"\n{notes}\n"
     with BENCHMARKS_MD.open("a", encoding="utf-8") as f:
         f.write(block)
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8-range images (arrays or PIL)."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * float(np.log10(255.0 ** 2 / mse))
+
+
+def ssim(a, b) -> float:
+    """Structural similarity (Wang et al. 2004: Gaussian window sigma 1.5, K1 0.01, K2 0.03) of two
+    RGB images, on the luma channel; 1.0 = identical."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    def luma(image):
+        rgb = np.asarray(image, dtype=np.float64)
+        return rgb @ np.array([0.299, 0.587, 0.114]) if rgb.ndim == 3 else rgb
+
+    x, y = luma(a), luma(b)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    blur = lambda z: gaussian_filter(z, sigma=1.5, truncate=3.5)  # noqa: E731
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    value = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(value.mean())

@@ -7,6 +7,13 @@ tinyworld: the bundled 64x64 model. sd15: a random-weight full-size SD1.5 single
 to a temp folder, ~2 GB) at --size (256 on CPU). Same scheduler (Euler), seed, steps, CFG.
 ratio = median(easel) / median(plain); target <= 1.03. Easel's time includes its live
 previews, progress and infotext; the plain call has none of that.
+
+Same work on both sides: Easel's "Euler" with the "Automatic" schedule is A1111's Euler, which
+spaces the timesteps evenly over the whole range (diffusers "linspace"); the checkpoint's own
+scheduler config says "leading" (tiny-world, like SD1.5's PNDM config), so the plain call sets
+timestep_spacing="linspace" as a diffusers user matching A1111 would. The result records whether
+the two schedulers give the same timesteps and sigmas, and how far Easel's prompt/negative
+embeddings (its A1111-style chunked encoder) are from `pipe.encode_prompt` (float rounding).
 """
 from __future__ import annotations
 
@@ -32,12 +39,31 @@ def plain_pipeline(components: dict):
     """What a diffusers user writes: a StableDiffusionPipeline with Euler over the same modules."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
+    scheduler = EulerDiscreteScheduler.from_config(components["scheduler"].config, timestep_spacing="linspace")
     pipe = StableDiffusionPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
-                                   tokenizer=components["tokenizer"], unet=components["unet"],
-                                   scheduler=EulerDiscreteScheduler.from_config(components["scheduler"].config),
+                                   tokenizer=components["tokenizer"], unet=components["unet"], scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def same_work(manager, name: str, pipe, steps: int, device: torch.device) -> dict:
+    """Do both sides sample the same timesteps from the same embeddings?"""
+    from pipelines import samplers
+    from pipelines.prompts.conditioning import build_conditioning
+
+    with manager.pipeline("txt2img", name) as active:
+        easel_scheduler = samplers.make_scheduler("Euler", "Automatic", dict(active.pipe.scheduler.config))
+        kwargs = build_conditioning(active.pipe, [PROMPT], [""], steps=steps).pipeline_kwargs()
+    easel_scheduler.set_timesteps(steps)
+    pipe.scheduler.set_timesteps(steps)
+    same_timesteps = bool(torch.allclose(easel_scheduler.timesteps.float(), pipe.scheduler.timesteps.float())
+                          and torch.allclose(easel_scheduler.sigmas.float(), pipe.scheduler.sigmas.float()))
+    with torch.no_grad():
+        positive, negative = pipe.encode_prompt(PROMPT, device, 1, True, "")
+    diff = max(float((kwargs["prompt_embeds"].to(positive) - positive).abs().max()),
+               float((kwargs["negative_prompt_embeds"].to(negative) - negative).abs().max()))
+    return {"same_timesteps": same_timesteps, "max_prompt_embedding_diff": diff}
 
 
 def run(model: str, size: int, steps: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -68,6 +94,7 @@ def run(model: str, size: int, steps: int, repeats: int, device: torch.device, d
             return pipe(PROMPT, negative_prompt="", width=size, height=size, num_inference_steps=steps,
                         guidance_scale=7.0, generator=generator).images[0]
 
+        work = same_work(manager, name, pipe, steps, device)
         first_easel, first_plain = easel(), plain()  # warm-up both
         diff = np.abs(np.asarray(first_easel, np.int16) - np.asarray(first_plain, np.int16))
         easel_s, plain_s = [], []
@@ -88,7 +115,7 @@ def run(model: str, size: int, steps: int, repeats: int, device: torch.device, d
                 "easel_no_preview_s": round(no_preview, 4), "ratio_no_preview": round(no_preview / p, 4),
                 "easel_it_s": round(steps / e, 3), "plain_it_s": round(steps / p, 3),
                 "easel_all_s": [round(x, 4) for x in easel_s], "plain_all_s": [round(x, 4) for x in plain_s],
-                "max_pixel_diff_easel_vs_plain": int(diff.max()), "env": environment()}
+                "max_pixel_diff_easel_vs_plain": int(diff.max()), **work, "env": environment()}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
