@@ -360,3 +360,75 @@ def write_tiny_sdxl_lora(path, sdxl_folder, seed: int = 0, rank: int = 4, alpha:
     path = _prepare(path)
     save_file(tensors, str(path), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     return path
+
+
+# --- full-size SDXL layout ----------------------------------------------------------------------
+
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."
+_OPENCLIP_LAYER_PARTS = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+                         "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
+
+
+def openclip_text_to_ldm(state_dict: dict) -> dict:
+    """transformers CLIPTextModelWithProjection (SDXL's text_encoder_2) -> the open_clip keys SDXL
+    single files hold under `conditioner.embedders.1.model.` (no prefix): q/k/v joined into
+    `attn.in_proj_*`, the projection transposed; the inverse of diffusers' open_clip conversion."""
+    flat = {key.removeprefix("text_model."): tensor for key, tensor in state_dict.items()
+            if not key.endswith("position_ids")}
+    layers = sorted({int(key.split(".")[2]) for key in flat if key.startswith("encoder.layers.")})
+    converted = {}
+    for i in layers:
+        source, target = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for param in ("weight", "bias"):
+            converted[f"{target}attn.in_proj_{param}"] = torch.cat(
+                [flat.pop(f"{source}self_attn.{p}_proj.{param}") for p in "qkv"])
+            for part, ldm_part in _OPENCLIP_LAYER_PARTS.items():
+                converted[f"{target}{ldm_part}.{param}"] = flat.pop(f"{source}{part}.{param}")
+    converted["token_embedding.weight"] = flat.pop("embeddings.token_embedding.weight")
+    converted["positional_embedding"] = flat.pop("embeddings.position_embedding.weight")
+    converted["ln_final.weight"] = flat.pop("final_layer_norm.weight")
+    converted["ln_final.bias"] = flat.pop("final_layer_norm.bias")
+    converted["text_projection"] = flat.pop("text_projection.weight").T
+    if flat:
+        raise ValueError(f"Unexpected CLIP text keys {sorted(flat)[:3]}: not a CLIPTextModelWithProjection.")
+    return {key: tensor.contiguous() for key, tensor in converted.items()}
+
+
+def full_size_sdxl_builders(arch_dir: Path | None = None) -> dict:
+    """name -> (seed offset, build function) for the SDXL base modules, from the bundled configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    arch_dir = _arch_dir(arch_dir, Arch.SDXL)
+    if not (arch_dir / "text_encoder_2" / "config.json").is_file():
+        raise ValueError(f"No SDXL diffusers config at {arch_dir}; it must hold unet/, vae/, text_encoder(_2)/.")
+    unet_config = UNet2DConditionModel.load_config(arch_dir / "unet")
+    vae_config = AutoencoderKL.load_config(arch_dir / "vae")
+    text_config = CLIPTextConfig.from_pretrained(arch_dir / "text_encoder")
+    text_2_config = CLIPTextConfig.from_pretrained(arch_dir / "text_encoder_2")
+    return {"unet": (0, lambda: UNet2DConditionModel.from_config(unet_config)),
+            "vae": (1, lambda: AutoencoderKL.from_config(vae_config)),
+            "text_encoder": (2, lambda: CLIPTextModel(text_config)),
+            "text_encoder_2": (3, lambda: CLIPTextModelWithProjection(text_2_config))}
+
+
+def write_full_size_sdxl_checkpoint(path, seed: int = 0, arch_dir: Path | None = None) -> Path:
+    """A random-weight fp16 single file with the real SDXL base layout and sizes (2.6B UNet,
+    CLIP-L, OpenCLIP bigG, SDXL VAE), about 6.9 GB: what an A1111 user's SDXL file holds. Built
+    like the SD1.5 one: on the meta device, then one model at a time allocated and filled, so
+    the peak memory is about the file size. `arch_dir` swaps in other configs (tests use tiny ones)."""
+    converters = {"unet": lambda m: {UNET_PREFIX + k: v for k, v in unet_to_ldm(m.state_dict(), m.config).items()},
+                  "vae": lambda m: {VAE_PREFIX + k: v for k, v in vae_to_ldm(m.state_dict()).items()},
+                  "text_encoder": lambda m: {SDXL_CLIP_L_PREFIX + k: v
+                                             for k, v in clip_text_to_ldm(m.state_dict()).items()},
+                  "text_encoder_2": lambda m: {SDXL_BIGG_PREFIX + k: v
+                                               for k, v in openclip_text_to_ldm(m.state_dict()).items()}}
+    state_dict = {}
+    for name, (offset, build) in full_size_sdxl_builders(arch_dir).items():
+        module = _materialise_fp16(build, seed + offset)
+        state_dict.update(converters[name](module))
+        del module  # the converted dict keeps only the tensors
+    path = save_ldm_checkpoint(_prepare(path), state_dict)
+    state_dict.clear()
+    return path

@@ -1,0 +1,92 @@
+"""bench/: the quick CPU command runs end to end (tiny repeats: fields and the memory-growth
+figure, not speed), and the full-size SDXL single-file factory writes what Easel's loader reads
+(checked on tiny configs: same code path, megabytes instead of 6.9 GB)."""
+import json
+
+import torch
+
+from tests import factories
+
+
+def test_quick_bench_prints_the_overhead_ratio_and_the_switching_memory_growth(tmp_path, capsys):
+    from bench import quick
+
+    out = tmp_path / "quick.json"
+    quick.main(["--repeats", "1", "--switches", "20", "--steps", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    overhead, switching = result["overhead"], result["switching"]
+    assert overhead["model"] == "tinyworld" and overhead["steps"] == 2
+    assert overhead["ratio"] == round(overhead["easel_s"] / overhead["plain_s"], 4) and overhead["ratio"] > 0
+    assert overhead["same_timesteps"] is True  # both sides sample A1111's Euler timesteps
+    assert overhead["max_prompt_embedding_diff"] < 1e-4
+    assert isinstance(result["overhead_target_met"], bool)
+    assert len(switching["rss_mb"]) == 2  # sampled every 10 switches
+    assert switching["rss_growth_mb"] == round(switching["rss_mb"][-1] - switching["rss_mb"][0], 1)
+    assert switching["disk_loads_during_switches"] == 0
+    assert set(result["seconds"]) == {"overhead", "switching", "total"}
+
+
+def test_full_size_sdxl_factory_writes_a_single_file_the_loader_reads(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from pipelines.configs import load_tokenizer
+    from pipelines.probe import SDXL_BIGG_PREFIX, read_safetensors_header
+
+    configs = factories.write_tiny_sdxl_checkpoint(tmp_path / "tiny-sdxl-configs", seed=0)
+    # diffusers tells CLIP-L from bigG in a single file by width (768 vs 1280): widen the tiny
+    # bigG too, or both text encoders would read CLIP-L's weights (only the configs are used)
+    te2_config = configs / "text_encoder_2" / "config.json"
+    te2_config.write_text(json.dumps({**json.loads(te2_config.read_text()), "hidden_size": 48}))
+    path = factories.write_full_size_sdxl_checkpoint(tmp_path / "sdxl.safetensors", seed=5, arch_dir=configs)
+    keys = read_safetensors_header(path).tensors
+    assert any(k.startswith(SDXL_BIGG_PREFIX + "transformer.resblocks.") for k in keys)
+    assert any(k.startswith("conditioner.embedders.0.transformer.text_model.") for k in keys)
+    assert any(k.startswith("model.diffusion_model.label_emb.") for k in keys)  # size/crop conditioning
+    pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(configs), local_files_only=True,
+                                                      tokenizer=load_tokenizer(),
+                                                      tokenizer_2=load_tokenizer(pad_with_bang=True),
+                                                      torch_dtype=torch.float16)
+    for name, (offset, build) in factories.full_size_sdxl_builders(configs).items():
+        expected = factories._materialise_fp16(build, 5 + offset).state_dict()
+        loaded = getattr(pipe, name).state_dict()
+        assert set(loaded) - {k for k in loaded if k.endswith("position_ids")} <= set(expected), name
+        for key, tensor in expected.items():
+            assert torch.equal(loaded[key], tensor), f"{name}.{key}"
+
+
+def test_gpu_throughput_rows_time_the_denoising_loop_on_their_own(monkeypatch):
+    """bench/gpu_throughput.py's run() on CPU with tiny models standing in for the full-size
+    ones (the --smoke path writes and loads 2 GB): every row has both rates, and the loop rate
+    leaves out what happens before the first and after the last step."""
+    from diffusers import StableDiffusionPipeline
+
+    from bench import gpu_throughput
+    from pipelines.configs import load_tokenizer
+
+    def tiny_plain_pipe(_model, device, dtype):
+        parts = factories.tiny_components(0)
+        pipe = StableDiffusionPipeline(**parts, tokenizer=load_tokenizer(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device, dtype)
+
+    monkeypatch.setattr(gpu_throughput, "_plain_pipe", tiny_plain_pipe)
+    monkeypatch.setattr(gpu_throughput, "write_checkpoint", lambda _model, path: factories.write_tiny_checkpoint(path))
+    rows = gpu_throughput.run(["sd15"], [1], 3, smoke_size=64)
+    assert [r["config"] for r in rows] == ["plain diffusers fp16+SDPA", "Easel default", "Easel fast"]
+    for row in rows:
+        assert row["unet_it_s"] > 0 and row["it_s"] > 0 and isinstance(row["outside_loop_s"], float)
+        assert row["peak_vram_gb"] is None  # CPU
+    timer = gpu_throughput.StepTimer()
+    timer.progress(gpu_throughput_progress(step=0))  # a compile note at step 0 is not a step
+    assert timer.marks == [] and timer.loop_seconds_per_step() is None
+    for step in (1, 2, 3):
+        timer.progress(gpu_throughput_progress(step=step))
+    assert timer.step_end(None, 3, None, {}) == {} and len(timer.marks) == 4
+    assert timer.loop_seconds_per_step() == (timer.marks[-1] - timer.marks[0]) / 3
+
+
+def gpu_throughput_progress(step):
+    from pipelines.jobs import Progress
+    return Progress(step=step, total_steps=3, batch_index=0, batch_count=1)
