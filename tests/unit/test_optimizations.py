@@ -1,5 +1,7 @@
-"""Fast-mode bookkeeping that needs no model: compile is reported once per shape, and the
-progress text carries the note."""
+"""Fast-mode bookkeeping: compile is reported once per shape (again after a restore or a QKV
+change), the progress text carries the note, compile mode/backend and the LoRA hot-swap
+preparation reach torch.compile / diffusers in the right order (a recording stand-in UNet), and
+the options validate and come from the settings."""
 from pipelines.jobs import Progress
 from pipelines.optimizations import FastMode, Optimizations
 
