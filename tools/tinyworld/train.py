@@ -11,6 +11,10 @@ Design choices that make text adherence learnable on a 2-core CPU (see the feasi
   each caption's meaning (foreground colour, shape, background colour in separate subspaces)
   into every position after the caption, then frozen (tools/tinyworld/text_encoder.py): the
   UNet's cross-attention gets the meaning even before it has learnt where to look.
+- The UNet's GroupNorms have 4 groups (pipelines/configs/tinyworld/unet): 32 groups over 32
+  channels is one channel per group, which takes every channel's spatial mean away, and the
+  output layer (norm -> SiLU -> conv) can then paint a flat background only in the colour of its
+  bias - the data's mean, whatever the prompt.
 - The UNet predicts v (tools/tinyworld/objective.py says why) with min-SNR weighting and EMA
   weights; latents are cached once, and the
   ground-truth classifier scores short sampling runs every few hundred steps.
