@@ -162,8 +162,9 @@ def _unit(reg: ComponentRegistry, tab: str, index: int, choices: list[str], max_
         # Checked from the file header before Gradio decodes it (bombs, non-images), as img2img's.
         add("image", guard_uploads(gr.Image(type="pil", label="Control image (empty in img2img: the img2img image)",
                                             sources=["upload", "clipboard"], height=240), max_pixels))
+        # PNG: the map comes back lossless (Gradio's default webp would blur the edges of a canny map).
         reg.add(f"{tab}.cn{index}_preview_image", gr.Image(type="pil", label="Detected map", interactive=False,
-                                                           height=240))
+                                                           height=240, format="png"))
     add("type", gr.Radio(list(UNIT_TYPES), value=UNIT_TYPES[0], label="Control Type"))
     with gr.Row():
         add("enabled", gr.Checkbox(False, label="Enable"))
