@@ -132,3 +132,63 @@ def test_lora_weight_axis_cells_equal_single_generations_with_that_weight(xyz, t
         single = generate(manager, None, base.with_changes(prompt=f"a cat <lora:style:{weight}>")).images[0]
         assert np.array_equal(cells[x], np.asarray(single))
     assert np.abs(cells[0].astype(int) - cells[1].astype(int)).max() > 8  # the LoRA weight mattered
+
+
+def test_size_clip_skip_hires_and_request_field_axes_parse_and_check(xyz):
+    axes, _plot = xyz
+    base = GenerationRequest(**BASE)
+    assert axes.make_axis("Width", "64-128 (+32)", base).values == (64, 96, 128)
+    assert axes.make_axis("Clip skip", "1, 2", base).type.apply(base, 2).clip_skip == 2
+    with pytest.raises(ValueError, match="tick Hires fix first"):
+        axes.make_axis("Hires steps", "1, 2", base)
+    hires = base.with_changes(enable_hr=True, hr_scale=1.5)
+    assert axes.make_axis("Hires denoise", "0.3, 0.6", hires).type.apply(hires, 0.3).denoising_strength == 0.3
+    assert axes.make_axis("Hires steps", "3", hires).type.apply(hires, 3).hr_second_pass_steps == 3
+
+    field = axes.make_axis("Request field", 'hr_scale: 1.5, 2', base)
+    assert field.values == (1.5, 2.0) and field.labels() == ["hr_scale: 1.5", "hr_scale: 2"]
+    assert axes.make_axis("Request field", "enable_hr: yes, off", base).values == (True, False)
+    assert axes.make_axis("Request field", 'negative_prompt: blur, "dark, grainy"', base).values == \
+        ("blur", "dark, grainy")
+    assert axes.make_axis("Request field", "checkpoint: a, b", base).values == ("a", "b")  # None default: text
+    for text, message in [("colour: red", "'colour' is not a request field"),
+                          ("init_image: x", "'init_image' is not a request field"),
+                          ("additions: x", "'additions' is not a request field"),
+                          ("steps 1, 2", "write the field name, a colon"),
+                          ("steps: 1, many", "cannot read 'many'"),
+                          ("enable_hr: maybe", "cannot read 'maybe' as true/false"),
+                          ("steps:", "the steps axis has no values")]:
+        with pytest.raises(ValueError, match=message):
+            axes.make_axis("Request field", text, base)
+
+
+def test_sampler_and_request_field_axes_cells_equal_single_generations(engine, xyz):
+    axes, plot = xyz
+    manager, _ = engine
+    base = GenerationRequest(**BASE)
+    x = axes.make_axis("Sampler", "Euler, DDIM", base)
+    y = axes.make_axis("Request field", 'negative_prompt: no red, "blurry, dark"', base)
+    result = plot.run_plot(base, [x, y], lambda r: generate(manager, None, r))
+    grid = result.grids[0]
+    cells = {}
+    for yi, negative in enumerate(["no red", "blurry, dark"]):
+        for xi, sampler in enumerate(["Euler", "DDIM"]):
+            single = generate(manager, None, base.with_changes(sampler=sampler, negative_prompt=negative)).images[0]
+            cells[xi, yi] = np.asarray(grid.image.crop(grid.boxes[(xi, yi)]))
+            assert np.array_equal(cells[xi, yi], np.asarray(single)), (xi, yi)
+    assert not np.array_equal(cells[0, 0], cells[1, 0]) and not np.array_equal(cells[0, 0], cells[0, 1])
+    fields = parse_infotext(grid.infotext)
+    assert (fields["X Type"], fields["Y Type"], fields["Y Values"]) == ("Sampler", "negative_prompt", "no red, blurry, dark")
+
+
+def test_width_axis_cells_of_different_sizes_equal_single_generations(engine, xyz):
+    axes, plot = xyz
+    manager, _ = engine
+    base = GenerationRequest(**{**BASE, "steps": 1})
+    result = plot.run_plot(base, [axes.make_axis("Width", "64, 96", base)], lambda r: generate(manager, None, r))
+    grid = result.grids[0]
+    for xi, width in enumerate([64, 96]):
+        single = generate(manager, None, base.with_changes(width=width)).images[0]
+        box = grid.boxes[(xi, 0)]
+        assert (box[2] - box[0], box[3] - box[1]) == (width, 64)
+        assert np.array_equal(np.asarray(grid.image.crop(box)), np.asarray(single))

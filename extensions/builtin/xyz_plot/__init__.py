@@ -22,7 +22,7 @@ def build(ui) -> None:
             controls[f"xyz_{axis}_type"] = gr.Dropdown(list(axis_types()), value=NOTHING, scale=1,
                                                        label=f"{axis.upper()} type", elem_id=f"{tab}_xyz_{axis}_type")
             controls[f"xyz_{axis}_values"] = gr.Textbox("", label=f"{axis.upper()} values", scale=3,
-                                                        placeholder="e.g. 10, 20, 30 or 1-9 (+2) or Euler, DDIM",
+                                                        placeholder="e.g. 10, 20, 30 or 1-9 (+2) or Euler, DDIM; Request field: hr_scale: 1.5, 2",
                                                         elem_id=f"{tab}_xyz_{axis}_values")
     controls["xyz_save"] = gr.Checkbox(True, label="Save the grid (with infotext)")
     run_button = gr.Button("Make X/Y/Z grid", variant="primary", elem_id=f"{tab}_xyz_run")

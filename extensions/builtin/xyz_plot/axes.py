@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Callable
 
-from pipelines.request import GenerationRequest
+from pipelines.request import GenerationRequest, data_fields
 
 _UINT = r"\d+"
 _UFLOAT = r"(?:\d+(?:\.\d*)?|\.\d+)"
@@ -99,6 +99,53 @@ def _check_prompt_sr(base: GenerationRequest, values: list) -> None:
                          f"is what gets replaced by each of the others")
 
 
+def _check_hires(base: GenerationRequest, _values: list) -> None:
+    if not base.enable_hr:
+        raise ValueError("the Hires axes vary the hires fix: tick Hires fix first")
+
+
+def parse_bools(text: str) -> list[bool]:
+    out = []
+    for value in split_values(text):
+        if value.lower() not in _BOOLS:
+            raise ValueError(f"cannot read {value!r} as true/false: use true, false, yes, no, 1 or 0")
+        out.append(_BOOLS[value.lower()])
+    return out
+
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+# Request fields the generic axis cannot vary: images, structured values and the app's tables.
+_NOT_AXIS_FIELDS = ("init_image", "mask", "control_units", "gligen_boxes", "styles", "task")
+
+
+def field_parser(name: str) -> Callable[[str], list]:
+    """How the generic axis reads values for request field `name` (by the field's default)."""
+    allowed = sorted(data_fields() - set(_NOT_AXIS_FIELDS))
+    if name not in allowed:
+        raise ValueError(f"'{name}' is not a request field the plot can vary; use one of: {', '.join(allowed)}")
+    default = next(f.default for f in fields(GenerationRequest) if f.name == name)
+    if default is MISSING:
+        return parse_strings
+    if isinstance(default, bool):
+        return parse_bools
+    if isinstance(default, int):
+        return parse_ints
+    if isinstance(default, float):
+        return parse_floats
+    return parse_strings
+
+
+def request_field_axis(text: str) -> tuple["AxisType", list]:
+    """The generic axis: `field_name: value, value, ...`, e.g. `hr_scale: 1.5, 2`."""
+    name, sep, values = (text or "").partition(":")
+    name = name.strip()
+    if not sep or not name:
+        raise ValueError("Request field axis: write the field name, a colon, then the values, "
+                         "e.g. 'hr_scale: 1.5, 2'")
+    parse = field_parser(name)
+    return AxisType(name, parse, _set(name)), parse(values)
+
+
 def _check_lora(base: GenerationRequest, _values: list) -> None:
     if not _LORA_TAG.search(base.prompt):
         raise ValueError("LoRA weight: the prompt has no <lora:name:weight> tag to vary")
@@ -117,6 +164,7 @@ def _describe(value: Any) -> str:
 
 
 NOTHING = "Nothing"
+REQUEST_FIELD = "Request field"
 
 
 def axis_types() -> dict[str, AxisType]:
@@ -130,6 +178,12 @@ def axis_types() -> dict[str, AxisType]:
         AxisType("Checkpoint", parse_strings, _set("checkpoint")),
         AxisType("VAE", parse_strings, _set("vae")),
         AxisType("Denoising", parse_floats, _set("denoising_strength")),
+        AxisType("Width", parse_ints, _set("width")),
+        AxisType("Height", parse_ints, _set("height")),
+        AxisType("Clip skip", parse_ints, _set("clip_skip")),
+        AxisType("Hires steps", parse_ints, _set("hr_second_pass_steps"), _check_hires),
+        # in txt2img with the hires fix on, denoising strength is the hires pass's
+        AxisType("Hires denoise", parse_floats, _set("denoising_strength"), _check_hires),
         # S/R needs the search term (the first value): `apply` gets (search, replacement) pairs.
         AxisType("Prompt S/R", parse_strings,
                  lambda request, pair: request.with_changes(
@@ -137,6 +191,8 @@ def axis_types() -> dict[str, AxisType]:
                      negative_prompt=request.negative_prompt.replace(pair[0], pair[1])),
                  _check_prompt_sr),
         AxisType("LoRA weight", parse_floats, set_lora_weight, _check_lora),
+        # any other request field: `field_name: values` (make_axis builds the field's own type)
+        AxisType(REQUEST_FIELD, parse_strings, lambda request, _value: request),
     ]
     return {t.label: t for t in types}
 
@@ -146,9 +202,12 @@ def make_axis(label: str, text: str, base: GenerationRequest) -> Axis:
     if label not in types:
         raise ValueError(f"unknown axis type {label!r}: use one of {', '.join(types)}")
     axis_type = types[label]
-    values = axis_type.parse(text or "")
+    if label == REQUEST_FIELD:
+        axis_type, values = request_field_axis(text)
+    else:
+        values = axis_type.parse(text or "")
     if not values:
-        raise ValueError(f"the {label} axis has no values: type them separated by commas")
+        raise ValueError(f"the {axis_type.label} axis has no values: type them separated by commas")
     axis_type.check(base, values)
     if label == "Prompt S/R":
         return Axis(axis_type, tuple((values[0], v) for v in values))

@@ -139,13 +139,12 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int
 def draw_grid(images: Sequence[Image.Image], x_labels: Sequence[str], y_labels: Sequence[str],
               title: str = "") -> tuple[Image.Image, dict]:
     """Images pasted unscaled (so each cell equals its image pixel for pixel), column labels on
-    top, row labels on the left, an optional title line above."""
+    top, row labels on the left, an optional title line above. Cells are as large as the largest
+    image (Width/Height axes); a smaller image sits centred in its cell."""
     cols, rows = len(x_labels), len(y_labels)
     if len(images) != cols * rows:
         raise ValueError(f"{len(images)} images do not fill a {cols}x{rows} grid")
-    width, height = images[0].size
-    if any(im.size != (width, height) for im in images):
-        raise ValueError("all cells of a grid must have the same size")
+    width, height = max(im.width for im in images), max(im.height for im in images)
     font = _font(max(10, min(28, width // 20)))  # labels scale with the images, as in A1111
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = int(font.getbbox("Ag")[3]) + LABEL_PAD
@@ -161,9 +160,11 @@ def draw_grid(images: Sequence[Image.Image], x_labels: Sequence[str], y_labels: 
     boxes = {}
     for y in range(rows):
         for x in range(cols):
-            box = (left + x * width, top + y * height, left + (x + 1) * width, top + (y + 1) * height)
-            grid.paste(images[y * cols + x].convert("RGB"), box[:2])
-            boxes[(x, y)] = box
+            image = images[y * cols + x]
+            x0 = left + x * width + (width - image.width) // 2
+            y0 = top + y * height + (height - image.height) // 2
+            grid.paste(image.convert("RGB"), (x0, y0))
+            boxes[(x, y)] = (x0, y0, x0 + image.width, y0 + image.height)
     for x, lines in enumerate(x_lines):
         center = left + x * width + width / 2
         for i, text in enumerate(lines):  # bottom-aligned just above the column
