@@ -6,6 +6,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
+from pipelines.adapters.paste import restore_renamed
 from pipelines.metadata import parse_infotext, read_infotext
 from pipelines.uploads import check_image_file
 from ui.components import ComponentRegistry
@@ -17,9 +18,10 @@ TAB = "png_info"
 NO_PARAMETERS = "No generation parameters found in this image."
 
 
-def image_info(path: str | None, styles: Any = None) -> tuple[str, dict[str, Any]]:
+def image_info(path: str | None, styles: Any = None, registry: Any = None) -> tuple[str, dict[str, Any]]:
     """(infotext, parsed fields) of the image file at `path`; ("", {}) for no image. With a
-    StyleStore, styles found in the prompts are taken back out and listed as "Styles array"."""
+    StyleStore, styles found in the prompts are taken back out and listed as "Styles array";
+    with the registry, LoRAs / embeddings / hypernetworks renamed since are found by their hashes."""
     if not path:
         return "", {}
     check_image_file(path)  # header only: non-images and decompression bombs are refused here
@@ -32,6 +34,8 @@ def image_info(path: str | None, styles: Any = None) -> tuple[str, dict[str, Any
     if not text:
         return NO_PARAMETERS, {}
     parsed = parse_infotext(text)
+    if registry is not None:
+        parsed = restore_renamed(registry, parsed)
     if styles is not None:
         found, prompt, negative = styles.extract(parsed["Prompt"], parsed["Negative prompt"])
         if found:
@@ -59,7 +63,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         Easel and its parsed fields (Prompt, Negative prompt, Steps, Sampler, Size-1, ...).
         """
         try:
-            return image_info(image, ctx.prompts.styles if ctx.prompts is not None else None)
+            return image_info(image, ctx.prompts.styles if ctx.prompts is not None else None, ctx.registry)
         except ValueError as exc:
             raise user_error(exc) from exc
 

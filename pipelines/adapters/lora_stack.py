@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from pipelines.adapters import lora_files
+from pipelines.adapters import lora_files, lycoris
 from pipelines.arch import Arch
 from pipelines.registry import ModelEntry, ModelRegistry
 
@@ -147,10 +147,19 @@ class LoraStack:
         state_dict = self._read(entry.path)
         lora_files.check_supported_format(entry.name, state_dict)
         expected = lora_files.lora_module_count(state_dict)
+        if lycoris.is_lycoris(state_dict):  # LoHa / LoKr: the same update as plain LoRA factors
+            try:
+                # modules without a layer of that name are left out: counted as not matching below
+                state_dict, _ = lycoris.to_lora(
+                    state_dict, lycoris.layer_shapes(pipe, lycoris.lycoris_modules(state_dict)))
+            except ValueError as exc:
+                raise ValueError(f"LoRA {entry.name}: {exc}") from exc
         adapter = "lora_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
         self.load_counts["lora"] += 1
         state.selected = None  # a load, even a failed one, may change which adapters are active
         try:
+            if not lora_files.lora_module_count(state_dict):
+                raise ValueError("no layer of it has a name this checkpoint has")
             pipe.load_lora_weights(state_dict, adapter_name=adapter)
         except Exception as exc:
             _discard(pipe, adapter)
