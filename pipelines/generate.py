@@ -63,7 +63,7 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
         warnings = adapters.warnings_of(active)
         params_common = hooks.extend_infotext(
             request, _infotext_params(manager, active, request) | control.infotext_params(manager, request)
-            | (hires.infotext_params(request) if request.enable_hr else {}) | refiner.infotext_params(manager, request)
+            | (hires.infotext_params(request, manager) if request.enable_hr else {}) | refiner.infotext_params(manager, request)
             | adapter_params)
         for batch_index in range(request.batch_count):
             if cancel.cancelled:

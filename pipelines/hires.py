@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipelines import loading, samplers, upscalers
 from pipelines.adapters.lora_stack import requests_of
+from pipelines.refiner import short_title
 
 SAME_CHECKPOINT = "Use same checkpoint"
 SAME_SAMPLER = "Use same sampler"
@@ -85,19 +86,20 @@ def second_pass_steps(request: Any) -> int:
     return request.hr_second_pass_steps or request.steps
 
 
-def infotext_params(request: Any) -> dict[str, Any]:
-    """The A1111 infotext keys a hires generation adds (in A1111's order)."""
+def infotext_params(request: Any, manager: Any = None) -> dict[str, Any]:
+    """The A1111 infotext keys a hires generation adds, in A1111's order and spelling: "Hires
+    resize" as the requested `hr_resize_x`x`hr_resize_y` (a 0 stays 0), "Hires checkpoint" as the
+    model's short title `name [shorthash]` (needs `manager`, else the name as given)."""
     params: dict[str, Any] = {"Denoising strength": _number(request.denoising_strength)}
     if request.hr_resize_x or request.hr_resize_y:
-        width, height = target_size(request)
-        params["Hires resize"] = f"{width}x{height}"
+        params["Hires resize"] = f"{request.hr_resize_x}x{request.hr_resize_y}"
     else:
         params["Hires upscale"] = _number(request.hr_scale)
     if request.hr_second_pass_steps:
         params["Hires steps"] = request.hr_second_pass_steps
     params["Hires upscaler"] = request.hr_upscaler
     if not same_checkpoint(request.hr_checkpoint):
-        params["Hires checkpoint"] = request.hr_checkpoint
+        params["Hires checkpoint"] = short_title(manager, request.hr_checkpoint) if manager else request.hr_checkpoint
     if not same_sampler(request.hr_sampler):
         params["Hires sampler"] = request.hr_sampler
     if request.hr_prompt and request.hr_prompt != request.prompt:
@@ -105,6 +107,18 @@ def infotext_params(request: Any) -> dict[str, Any]:
     if request.hr_negative_prompt and request.hr_negative_prompt != request.negative_prompt:
         params["Hires negative prompt"] = request.hr_negative_prompt
     return params
+
+
+def img2img_total_steps(steps: int, strength: float) -> int:
+    """The `num_inference_steps` to give diffusers' img2img so that it samples exactly `steps`
+    (A1111's "Hires steps" are the steps actually sampled). diffusers samples
+    `int(total * strength)` of a `total`-step schedule; the smallest such total is returned."""
+    if strength >= 1.0:
+        return steps
+    total = max(steps, int(steps / strength) - 1)
+    while int(total * strength) < steps:  # each +1 adds strength < 1: it lands on steps exactly
+        total += 1
+    return total
 
 
 def run_second_pass(manager: Any, active: Any, request: Any, latents: torch.Tensor, seeds: list[int],
@@ -122,7 +136,7 @@ def run_second_pass(manager: Any, active: Any, request: Any, latents: torch.Tens
         if strength == 0:
             return decode(active.pipe.vae, source)
     else:
-        tool = upscalers.Upscalers(manager.registry.paths.models_dir, manager.cache, manager.device, manager.dtype)
+        tool = upscalers.Upscalers.for_manager(manager)
         source = [tool.upscale(image, width, height, request.hr_upscaler)
                   for image in decode(active.pipe.vae, latents)]
         if strength == 0:
@@ -132,8 +146,7 @@ def run_second_pass(manager: Any, active: Any, request: Any, latents: torch.Tens
         sampler = request.sampler if same_sampler(request.hr_sampler) else request.hr_sampler
         pipe.scheduler = samplers.make_scheduler(sampler, request.schedule, dict(pipe.scheduler.config), seed=seeds[0],
                                                  table=request.additions.samplers)
-        # diffusers runs int(N * strength) steps; A1111 runs exactly the hires steps.
-        total = max(int(steps / min(strength, 0.999)), steps)
+        total = img2img_total_steps(steps, strength)
         conditioning = _conditioning(pipe, request, prompts, len(seeds), steps)
 
         def on_step_end(pipe_, step, timestep, tensors):

@@ -6,15 +6,19 @@ diffusers folders converted with ldm_convert) and streamed to the output file, s
 merge needs about one tensor of RAM beyond what the OS maps. The output is a single-file
 .safetensors in the same layout with ModelSpec and an A1111-style merge recipe in its metadata.
 
-LoRAs use kohya key names (`lora_unet_<module>` / `lora_te_<module>` with `.lora_down.weight`,
-`.lora_up.weight`, `.alpha`), the names diffusers' `load_lora_weights` accepts; both the
-diffusers-module and LDM-module spellings of the UNet modules are understood. A LoRA at weight
-w adds `w * alpha / rank * up @ down` to its module's weight, exactly what applying it does.
+LoRAs use kohya key names (`lora_unet_<module>` / `lora_te_<module>`, SDXL `lora_te1_` /
+`lora_te2_`, with `.lora_down.weight`, `.lora_up.weight`, `.alpha`), the names diffusers'
+`load_lora_weights` accepts; both the diffusers-module and LDM-module spellings of the UNet
+modules are understood. OpenCLIP text encoders (SDXL's second, `conditioner.embedders.1.model.`;
+SD2's) hold q/k/v fused in `attn.in_proj_weight`: a `q_proj`/`k_proj`/`v_proj` LoRA module
+patches its third of those rows. A LoRA at weight w adds `w * alpha / rank * up @ down` to its
+module's weight, exactly what applying it does.
 """
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,11 @@ _SKIPPED_PREFIXES = ("model_ema.",)  # EMA copies: A1111 drops them from merges 
 _NAME = re.compile(r"^[\w][\w .()+,=@\[\]-]{0,150}$")
 # LDM text-encoder prefixes whose modules are spelled as transformers' CLIPTextModel.
 _TEXT_ENCODER_PREFIXES = {CLIP_PREFIX: "lora_te_", "conditioner.embedders.0.transformer.": "lora_te1_"}
+# LDM prefixes of OpenCLIP text encoders (open_clip's own module names) -> kohya prefix
+_OPENCLIP_PREFIXES = {"conditioner.embedders.1.model.": "lora_te2_", "cond_stage_model.model.": "lora_te_"}
+# transformers CLIP layer module -> open_clip module (q/k/v: rows of attn.in_proj_weight)
+_OPENCLIP_MODULES = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight")
 _MODELSPEC_ARCHITECTURE = {
     Arch.SD1: "stable-diffusion-v1", Arch.SD1_INPAINT: "stable-diffusion-v1/inpainting",
     Arch.SD2: "stable-diffusion-v2-512", Arch.SD2_V: "stable-diffusion-v2-768-v",
@@ -81,12 +90,14 @@ class LoraWeight:
 def merge_checkpoints(output: Path, primary: Path, secondary: Path | None = None, tertiary: Path | None = None,
                       *, method: str = WEIGHTED_SUM, multiplier: float = 0.5, bake_vae: Path | None = None,
                       loras: Sequence[LoraWeight] = (), half: bool = False,
-                      progress: Progress = _no_progress) -> Path:
+                      progress: Progress = _no_progress, unet_config: dict | None = None) -> Path:
     """Merge checkpoints A (primary), B, C into `output` and return it.
 
     weighted sum: A*(1-M) + B*M; add difference: A + (B-C)*M; no B: A alone (with LoRAs / VAE).
     The VAE is A's (its tensors are not merged) unless `bake_vae` names a VAE file. LoRAs are
     added last, each at its weight. `half` stores float tensors as fp16, else fp32.
+    `unet_config`: A's diffusers UNet config, to read diffusers-spelled LoRA module names
+    (default: the bundled config of A's architecture).
     """
     if method not in MERGE_METHODS:
         raise ValueError(f"merge method must be one of {', '.join(MERGE_METHODS)}, got {method!r}")
@@ -106,7 +117,7 @@ def merge_checkpoints(output: Path, primary: Path, secondary: Path | None = None
                              "merge models of one family")
     b, c = others.get("model B"), others.get("model C")
     vae = _baked_vae(bake_vae, a) if bake_vae is not None else None
-    deltas = lora_deltas(a, arch, loras) if loras else {}
+    deltas = lora_deltas(a, arch, loras, unet_config) if loras else {}
 
     out_dtype = torch.float16 if half else torch.float32
     keys = [k for k in a.keys() if not k.startswith(_SKIPPED_PREFIXES)]
@@ -237,28 +248,52 @@ def read_lora(path: Path) -> dict[str, LoraModule]:
     return modules
 
 
-def kohya_names(checkpoint_keys: Sequence[str], arch: Arch) -> dict[str, str]:
-    """kohya module name -> the checkpoint key of its weight, for the UNet (diffusers and LDM
-    spellings) and the CLIP-L text encoder(s) stored in transformers layout."""
-    table: dict[str, str] = {}
-    for ldm_key, diffusers_key in _unet_key_pairs(arch):
+@dataclass(frozen=True)
+class LoraTarget:
+    """The checkpoint weight a kohya module patches; `rows`: only rows [start, stop) of it
+    (one of q/k/v in an OpenCLIP `attn.in_proj_weight`)."""
+    key: str
+    rows: tuple[int, int] | None = None
+
+
+def kohya_names(checkpoint: ModelTensors, arch: Arch, unet_config: dict | None = None) -> dict[str, LoraTarget]:
+    """kohya module name -> the checkpoint weight it patches: the UNet (LDM spellings from the
+    checkpoint's own keys, diffusers spellings through `unet_config` or the bundled config),
+    CLIP-L text encoders in transformers layout, OpenCLIP text encoders in open_clip layout."""
+    table: dict[str, LoraTarget] = {}
+    for ldm_key, diffusers_key in _unet_key_pairs(arch, unet_config):
         if ldm_key.endswith(".weight"):
-            table["lora_unet_" + diffusers_key[: -len(".weight")].replace(".", "_")] = UNET_PREFIX + ldm_key
-            table["lora_unet_" + ldm_key[: -len(".weight")].replace(".", "_")] = UNET_PREFIX + ldm_key
-    for key in checkpoint_keys:
+            table["lora_unet_" + diffusers_key[: -len(".weight")].replace(".", "_")] = LoraTarget(UNET_PREFIX + ldm_key)
+    for key in checkpoint.keys():
+        if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
+            table["lora_unet_" + key[len(UNET_PREFIX): -len(".weight")].replace(".", "_")] = LoraTarget(key)
         for prefix, kohya_prefix in _TEXT_ENCODER_PREFIXES.items():
             if key.startswith(prefix) and key.endswith(".weight"):
                 module = key[len(prefix): -len(".weight")]
-                table[kohya_prefix + module.replace(".", "_")] = key
+                table[kohya_prefix + module.replace(".", "_")] = LoraTarget(key)
                 if module.startswith("text_model."):  # some trainers drop the text_model part
-                    table[kohya_prefix + module[len("text_model."):].replace(".", "_")] = key
+                    table[kohya_prefix + module[len("text_model."):].replace(".", "_")] = LoraTarget(key)
+        for prefix, kohya_prefix in _OPENCLIP_PREFIXES.items():
+            match = _RESBLOCK.fullmatch(key[len(prefix):]) if key.startswith(prefix) else None
+            if match is None:
+                continue
+            layer, width = int(match.group(1)), checkpoint.shape(key)[0] // 3
+            block = f"{prefix}transformer.resblocks.{layer}."
+            modules = {f"self_attn.{name}_proj": LoraTarget(key, (i * width, (i + 1) * width))
+                       for i, name in enumerate("qkv")}
+            modules |= {name: LoraTarget(f"{block}{open_clip}.weight") for name, open_clip in _OPENCLIP_MODULES.items()}
+            for name, target in modules.items():
+                if target.key in checkpoint:
+                    module = f"encoder.layers.{layer}.{name}".replace(".", "_")
+                    table[f"{kohya_prefix}text_model_{module}"] = target
+                    table[f"{kohya_prefix}{module}"] = target  # without the text_model part
     return table
 
 
-def _unet_key_pairs(arch: Arch) -> Iterator[tuple[str, str]]:
+def _unet_key_pairs(arch: Arch, unet_config: dict | None = None) -> Iterator[tuple[str, str]]:
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(configs.config_dir(arch) / "unet")
+    config = unet_config or UNet2DConditionModel.load_config(configs.config_dir(arch) / "unet")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     state = unet.state_dict()
@@ -266,22 +301,41 @@ def _unet_key_pairs(arch: Arch) -> Iterator[tuple[str, str]]:
     return zip(converted.keys(), state.keys())
 
 
-def lora_deltas(a: ModelTensors, arch: Arch, loras: Sequence[LoraWeight]) -> dict[str, Callable[[], torch.Tensor]]:
+def lora_deltas(a: ModelTensors, arch: Arch, loras: Sequence[LoraWeight],
+                unet_config: dict | None = None) -> dict[str, Callable[[], torch.Tensor]]:
     """Checkpoint key -> a function computing the summed LoRA change for that weight (lazy, so
-    only one module's delta is in memory at a time)."""
-    table = kohya_names(a.keys(), arch)
-    pending: dict[str, list[tuple[LoraModule, float]]] = {}
+    only one module's delta is in memory at a time). A module whose weight model A lacks, or
+    whose shape does not fit it, refuses the merge."""
+    table = kohya_names(a, arch, unet_config)
+    pending: dict[str, list[tuple[LoraModule, float, tuple[int, int] | None]]] = {}
     for lora in loras:
+        name_of_file = Path(lora.path).name
         modules = read_lora(Path(lora.path))
-        unknown = sorted(name for name in modules if name not in table)
+        unknown = sorted(name for name in modules if name not in table or table[name].key not in a)
         if unknown:
-            raise ValueError(f"{Path(lora.path).name} does not fit model A: {len(unknown)} module(s) have no "
+            raise ValueError(f"{name_of_file} does not fit model A: {len(unknown)} module(s) have no "
                              f"matching weight (first: {unknown[0]}); is it for another model family?")
         for name, module in modules.items():
-            pending.setdefault(table[name], []).append((module, float(lora.weight)))
+            target = table[name]
+            shape = a.shape(target.key)
+            rows = (target.rows[1] - target.rows[0]) if target.rows else shape[0]
+            if module.up.shape[0] != rows or math.prod(module.down.shape[1:]) != math.prod(shape[1:]):
+                raise ValueError(f"{name_of_file}: {name} has the shape of another model's layer; "
+                                 "is it for another model family?")
+            pending.setdefault(target.key, []).append((module, float(lora.weight), target.rows))
 
-    def make(key: str, parts: list[tuple[LoraModule, float]]):
-        return lambda: sum(weight * module.delta(a.shape(key)) for module, weight in parts)
+    def make(key: str, parts: list[tuple[LoraModule, float, tuple[int, int] | None]]):
+        def delta() -> torch.Tensor:
+            shape = a.shape(key)
+            total = torch.zeros(shape)
+            for module, weight, rows in parts:
+                if rows is None:
+                    total += weight * module.delta(shape)
+                else:
+                    total[rows[0]:rows[1]] += weight * module.delta((rows[1] - rows[0], *shape[1:]))
+            return total
+
+        return delta
 
     return {key: make(key, parts) for key, parts in pending.items()}
 
@@ -316,7 +370,7 @@ def merge_loras(output: Path, loras: Sequence[LoraWeight], *, mode: str = "conca
         state[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
         progress((index + 1) / len(names), f"{index + 1}/{len(names)} modules")
     ranks = sorted({int(t.shape[0]) for k, t in state.items() if k.endswith("lora_down.weight")})
-    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1]),
+    metadata = {**_shared_base_model(loras), "ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1]),
                 "ss_network_alpha": str(ranks[-1]),
                 "sd_merge_recipe": json.dumps({"type": "easel-lora-merge", "mode": mode, "rank": rank,
                                                "loras": [{"name": Path(l.path).name, "weight": l.weight}
@@ -328,6 +382,18 @@ def merge_loras(output: Path, loras: Sequence[LoraWeight], *, mode: str = "conca
     finally:
         temporary.unlink(missing_ok=True)
     return Path(output)
+
+
+_BASE_MODEL_KEYS = ("ss_base_model_version", "modelspec.architecture")
+
+
+def _shared_base_model(loras: Sequence[LoraWeight]) -> dict[str, str]:
+    """The base-model tags all source LoRAs agree on (e.g. SDXL's `ss_base_model_version`), so
+    the merged LoRA is listed and checked against the same checkpoints as its sources."""
+    metadata = [probe.read_safetensors_header(Path(l.path)).metadata if Path(l.path).suffix == ".safetensors" else {}
+                for l in loras]
+    return {key: metadata[0][key] for key in _BASE_MODEL_KEYS
+            if key in metadata[0] and all(m.get(key) == metadata[0][key] for m in metadata)}
 
 
 def _concat(parts: list[tuple[LoraModule, float]]) -> tuple[torch.Tensor, torch.Tensor]:

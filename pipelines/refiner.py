@@ -121,12 +121,17 @@ def run(manager: Any, active: Any, request: Any, seeds: list[int], common: dict[
 def infotext_params(manager: Any, request: Any) -> dict[str, Any]:
     if not request.refiner_checkpoint:
         return {}
+    return {"Refiner": short_title(manager, request.refiner_checkpoint), "Refiner switch at": request.refiner_switch_at}
+
+
+def short_title(manager: Any, name: str) -> str:
+    """A checkpoint as A1111's infotext names a second model (Refiner, Hires checkpoint):
+    `name [shorthash]`; the name as given when it is not in the registry."""
     try:
-        entry = manager.registry.find("checkpoint", request.refiner_checkpoint)
-        title = f"{entry.name_without_extension} [{manager.registry.shorthash(entry)}]"
+        entry = manager.registry.find("checkpoint", name)
+        return f"{entry.name_without_extension} [{manager.registry.shorthash(entry)}]"
     except ValueError:
-        title = request.refiner_checkpoint
-    return {"Refiner": title, "Refiner switch at": request.refiner_switch_at}
+        return name
 
 
 def _move(modules, device: torch.device) -> None:

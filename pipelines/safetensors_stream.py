@@ -71,6 +71,7 @@ def write_streaming(path: Path, plans: Iterable[TensorPlan], produce: Callable[[
                     raise ValueError(f"{plan.name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
                                      f"planned {plan.dtype} {plan.shape}")
                 handle.write(_raw_bytes(tensor))
+                del tensor  # before the next produce(): one tensor alive at a time
                 if progress is not None:
                     progress(index + 1, len(plans))
             handle.flush()

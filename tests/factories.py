@@ -223,9 +223,11 @@ def write_tiny_lora(path, seed: int = 0, fmt: str = "kohya", rank: int = 4, alph
     return path
 
 
-def write_tiny_sdxl_checkpoint(path, seed: int = 0) -> Path:
+def write_tiny_sdxl_checkpoint(path, seed: int = 0, text_2_width: int = 32) -> Path:
     """A tiny random SDXL pipeline as a diffusers folder (two text encoders, text_time
-    embedding), small enough for CPU tests. Tokenizers are left out: Easel brings its own."""
+    embedding), small enough for CPU tests. Tokenizers are left out: Easel brings its own.
+    `text_2_width`: the second encoder's hidden size; a width other than the first's (32) lets
+    diffusers' single-file loader tell the two encoders apart, as it does by width in real SDXL."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -236,7 +238,7 @@ def write_tiny_sdxl_checkpoint(path, seed: int = 0) -> Path:
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
             transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
-            cross_attention_dim=64, norm_num_groups=8)
+            cross_attention_dim=32 + text_2_width, norm_num_groups=8)
         vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                             norm_num_groups=8, sample_size=64, scaling_factor=0.13025)
@@ -244,7 +246,7 @@ def write_tiny_sdxl_checkpoint(path, seed: int = 0) -> Path:
                            intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                            vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text_config, "hidden_size": text_2_width}))
         return unet, vae, text_encoder, text_encoder_2
 
     from pipelines.configs import load_tokenizer

@@ -1,5 +1,7 @@
 """Hires fix on tiny-world: the target size, the first pass is a plain txt2img, denoise 0 gives the
 upscaled first pass, a model upscaler and a second checkpoint work, and the infotext has A1111's keys."""
+from unittest import mock
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,7 +15,7 @@ from tests import factories
 from tests.integration.conftest import make_engine
 from tests.upscaler_factory import write_tiny_esrgan
 
-BASE = dict(prompt="a red square on a blue background", width=64, height=64, steps=4, cfg_scale=5, seed=11,
+BASE = dict(prompt="a red square on a blue background", width=64, height=64, steps=12, cfg_scale=5, seed=11,
             sampler="Euler", save_images=False)
 
 
@@ -55,7 +57,10 @@ def test_second_pass_reaches_the_target_size_and_changes_the_image(engine):
     assert 1 < difference < 80  # redrawn, but from the first pass
     assert generate(engine, None, request).images[0].tobytes() == image.tobytes()
     fields = parse_infotext(result.infotexts[0])
-    assert str(fields["Hires resize-1"]) == "96" and str(fields["Hires steps"]) == "2" and fields["Hires upscaler"] == "Latent"
+    # A1111 writes the requested size as given: a 0 (keep the aspect ratio) stays 0
+    assert "Hires resize: 96x0," in result.infotexts[0]
+    assert (str(fields["Hires resize-1"]), str(fields["Hires resize-2"])) == ("96", "0")
+    assert str(fields["Hires steps"]) == "2" and fields["Hires upscaler"] == "Latent"
 
 
 def test_model_upscaler_checkpoint_sampler_and_prompt(engine):
@@ -63,11 +68,14 @@ def test_model_upscaler_checkpoint_sampler_and_prompt(engine):
     assert generate(engine, None, request).images[0].size == (128, 128)
     request = tinyworld(enable_hr=True, hr_upscaler="Nearest", hr_scale=2, denoising_strength=0.5,
                         hr_checkpoint="other", hr_sampler="DPM++ 2M", hr_prompt="a green circle",
-                        hr_second_pass_steps=2)
+                        hr_negative_prompt="blurry", hr_second_pass_steps=2)
     result = generate(engine, None, request)
     fields = parse_infotext(result.infotexts[0])
-    assert fields["Hires checkpoint"] == "other" and fields["Hires sampler"] == "DPM++ 2M"
-    assert fields["Hires prompt"] == "a green circle"
+    shorthash = engine.registry.shorthash(engine.registry.find("checkpoint", "other"))
+    assert fields["Hires checkpoint"] == f"other [{shorthash}]"  # A1111's short title, like "Refiner"
+    assert engine.registry.find("checkpoint", fields["Hires checkpoint"]).name == "other.safetensors"
+    assert fields["Hires sampler"] == "DPM++ 2M"
+    assert fields["Hires prompt"] == "a green circle" and fields["Hires negative prompt"] == "blurry"
     assert result.images[0].size == (128, 128)
     # the first-pass model is active again afterwards
     assert engine.snapshot()["checkpoint"].startswith("tiny-world")
@@ -105,3 +113,82 @@ def test_a_hires_checkpoint_leaves_the_first_pass_model_and_its_lora_for_the_nex
     assert two.images[1].tobytes() == second_alone.images[0].tobytes()
     without_lora = generate(engine, None, tinyworld(seed=BASE["seed"] + 1, **{**common, "prompt": BASE["prompt"]}))
     assert without_lora.images[0].tobytes() != second_alone.images[0].tobytes()
+
+
+def test_latent_hires_at_denoise_zero_is_the_decoded_upscaled_first_pass_latents(engine):
+    """The first pass's latents, caught where the plain txt2img decodes them, upscaled here with
+    torch (A1111's "Latent": bilinear, no antialias) and decoded: the hires result at denoise 0."""
+    import torch
+    from torch.nn import functional as F
+
+    from pipelines import generate as generate_module
+
+    caught = []
+    real_decode = generate_module.decode_latents
+
+    def catching(vae, latents):
+        caught.append(latents.clone())
+        return real_decode(vae, latents)
+
+    with mock.patch.object(generate_module, "decode_latents", catching):
+        generate(engine, None, tinyworld())
+    [first_pass] = caught
+    assert first_pass.shape[-2:] == (16, 16)  # 64x64 pixels, VAE factor 4
+    with engine.pipeline("txt2img", "tinyworld") as active, torch.no_grad():
+        expected = real_decode(active.pipe.vae, F.interpolate(first_pass, size=(24, 24), mode="bilinear",
+                                                              antialias=False))[0]
+    image = generate(engine, None, tinyworld(enable_hr=True, hr_upscaler="Latent", hr_scale=1.5,
+                                             denoising_strength=0.0)).images[0]
+    assert image.size == (96, 96)
+    assert image.tobytes() == expected.tobytes()
+    nearest = generate(engine, None, tinyworld(enable_hr=True, hr_upscaler="Latent (nearest)", hr_scale=1.5,
+                                               denoising_strength=0.0)).images[0]
+    assert nearest.tobytes() != image.tobytes()  # the mode is used: the check can fail
+
+
+HIRES = dict(enable_hr=True, hr_upscaler="Nearest", hr_scale=1.5, denoising_strength=0.5, hr_second_pass_steps=2)
+
+
+def test_hires_checkpoint_changes_the_image(engine):
+    same = generate(engine, None, tinyworld(**HIRES)).images[0]
+    named_same = generate(engine, None, tinyworld(hr_checkpoint=hires.SAME_CHECKPOINT, **HIRES)).images[0]
+    first_by_name = generate(engine, None, tinyworld(hr_checkpoint="tinyworld", **HIRES)).images[0]
+    other = generate(engine, None, tinyworld(hr_checkpoint="other", **HIRES)).images[0]
+    assert named_same.tobytes() == same.tobytes()
+    assert first_by_name.tobytes() == same.tobytes()  # the first-pass model by name: the same picture
+    assert np.abs(np.asarray(other, float) - np.asarray(same, float)).mean() > 1
+
+
+def test_hires_sampler_changes_the_image(engine):
+    same = generate(engine, None, tinyworld(**HIRES)).images[0]
+    named_same = generate(engine, None, tinyworld(hr_sampler="Euler", **HIRES)).images[0]
+    other = generate(engine, None, tinyworld(hr_sampler="DPM++ 2M", **HIRES)).images[0]
+    assert named_same.tobytes() == same.tobytes()
+    assert np.abs(np.asarray(other, float) - np.asarray(same, float)).mean() > 0.5
+
+
+@pytest.mark.parametrize("steps, strength", [(20, 0.7), (2, 0.6), (1, 0.3)])
+def test_hires_steps_are_the_steps_sampled(engine, steps, strength):
+    """A1111's "Hires steps" count the steps the second pass samples, whatever the denoise
+    (diffusers samples int(total * strength) of a total-step schedule)."""
+    calls = []
+    with engine.pipeline("txt2img", "tinyworld") as active:
+        unet = active.pipe.unet
+    handle = unet.register_forward_hook(lambda *_: calls.append(1))
+    events = []
+    try:
+        generate(engine, None, tinyworld(steps=1, enable_hr=True, hr_upscaler="Nearest", hr_scale=1.5,
+                                         denoising_strength=strength, hr_second_pass_steps=steps),
+                 progress=events.append)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 + steps  # one first-pass step, then exactly the hires steps
+    assert len(events) == 1 + steps
+
+
+def test_img2img_total_steps_lands_on_the_requested_steps():
+    for steps in range(1, 80):
+        for strength in [i / 100 for i in range(1, 101)]:
+            total = hires.img2img_total_steps(steps, strength)
+            assert int(total * strength) == steps, (steps, strength, total)
+            assert total == steps or int((total - 1) * strength) < steps  # the smallest such total

@@ -203,3 +203,138 @@ def test_diffusers_folder_and_ckpt_inputs_are_read_under_single_file_keys(root, 
     torch.save({"state_dict": b}, tmp_path / "B.ckpt")
     at1 = tensors(merger.merge_checkpoints(tmp_path / "g.safetensors", folder, tmp_path / "B.ckpt", multiplier=1.0))
     assert all(torch.equal(at1[k], b[k]) for k in b if not k.startswith(VAE_PREFIX))
+
+
+def test_streaming_writer_pulls_one_tensor_at_a_time_and_writes_what_save_file_writes(tmp_path):
+    import weakref
+
+    from safetensors.torch import save_file
+
+    from pipelines.safetensors_stream import TensorPlan, write_streaming
+
+    generator = torch.Generator().manual_seed(0)
+    state = {"a.weight": torch.randn(64, 32, generator=generator), "b.half": torch.randn(7, 3, generator=generator).half(),
+             "c.bf16": torch.randn(5, generator=generator).bfloat16(), "d.ids": torch.arange(77, dtype=torch.int64),
+             "e.flag": torch.tensor([True, False, True]), "f.scalar": torch.tensor(0.25), "g.empty": torch.zeros(0, 4)}
+    live, peak, order = [0], [0], []
+
+    def gone():
+        live[0] -= 1
+
+    def produce(plan: TensorPlan) -> torch.Tensor:
+        order.append(plan.name)
+        tensor = state[plan.name].clone()  # a fresh tensor, freed once the writer lets go of it
+        weakref.finalize(tensor, gone)
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        return tensor
+
+    meta = {"modelspec.title": "t", "sd_merge_recipe": json.dumps({"x": 1})}
+    plans = [TensorPlan(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
+    streamed = write_streaming(tmp_path / "streamed.safetensors", plans, produce, meta)
+    assert order == list(state) and peak[0] == 1 and live[0] == 0
+    save_file(state, str(tmp_path / "reference.safetensors"), metadata=meta)
+    written, reference = tensors(streamed), tensors(tmp_path / "reference.safetensors")
+    assert sorted(written) == sorted(reference)
+    for key in reference:
+        assert written[key].dtype == reference[key].dtype and torch.equal(written[key], reference[key]), key
+    assert metadata(streamed) == metadata(tmp_path / "reference.safetensors") == meta
+    with pytest.raises(ValueError, match="planned"):
+        write_streaming(tmp_path / "bad.safetensors", plans, lambda plan: torch.zeros(1))
+    assert not (tmp_path / "bad.safetensors").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_an_fp16_merge_reloads_and_generates(root, tmp_path):
+    out16 = merger.merge_checkpoints(ckpt(root, "AB16.safetensors"), ckpt(root, "A.safetensors"),
+                                     ckpt(root, "B.safetensors"), multiplier=0.4, half=True)
+    out32 = merger.merge_checkpoints(ckpt(root, "AB32.safetensors"), ckpt(root, "A.safetensors"),
+                                     ckpt(root, "B.safetensors"), multiplier=0.4)
+    stored = tensors(out16)
+    assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float16}
+    manager, _ = make_engine(root, tmp_path)
+    with manager.pipeline("txt2img", "AB16") as active:  # the normal single-file path
+        conv_in = active.pipe.unet.conv_in.weight.detach().clone()
+    assert torch.equal(conv_in, stored["model.diffusion_model.input_blocks.0.0.weight"].float())
+    half, full, a = _image(manager, "AB16"), _image(manager, "AB32"), _image(manager, "A")
+    assert np.abs(half - full).max() < 0.03  # fp16 rounding of the weights only
+    assert np.abs(half - a).max() > 0.05  # and it is the merge, not model A
+
+
+def test_lora_plus_lora_applied_at_1_equals_both_applied_at_1(root, tmp_path):
+    """The merged LoRAs go through the engine's LoRA path (`<lora:name:1>` in the prompt), as
+    the two sources do: concat is exact, SVD at full rank within float error, low rank close."""
+    from pipelines.generate import generate
+    from pipelines.request import GenerationRequest
+
+    lora_dir = root / "models" / "Lora"
+    both = [LoraWeight(lora_dir / "l1.safetensors", 1.0), LoraWeight(lora_dir / "l2.safetensors", 1.0)]
+    merger.merge_loras(lora_dir / "pair-concat.safetensors", both, mode="concat")
+    merger.merge_loras(lora_dir / "pair-svd6.safetensors", both, mode="svd", rank=6)  # 4 + 2: full rank
+    merger.merge_loras(lora_dir / "pair-svd1.safetensors", both, mode="svd", rank=1)
+    manager, _ = make_engine(root, tmp_path)
+    common = dict(negative_prompt="", width=64, height=64, steps=3, cfg_scale=5, seed=9, sampler="Euler",
+                  checkpoint="A", save_images=False)
+
+    def image(tags: str) -> np.ndarray:
+        result = generate(manager, None, GenerationRequest(prompt="a red circle " + tags, **common))
+        return np.asarray(result.images[0], dtype=float)
+
+    plain, sources = image(""), image("<lora:l1:1> <lora:l2:1>")
+    concat, svd6, svd1 = image("<lora:pair-concat:1>"), image("<lora:pair-svd6:1>"), image("<lora:pair-svd1:1>")
+    assert np.abs(sources - plain).max() > 10, "the test LoRAs must change the image"
+    assert np.abs(concat - sources).max() <= 2
+    assert np.abs(svd6 - sources).max() <= 2
+    # rank 1 of a rank-6 change: an approximation, nearer to both LoRAs than the plain model is
+    assert np.abs(svd1 - sources).mean() < np.abs(plain - sources).mean()
+
+
+def test_an_sdxl_lora_merged_into_an_sdxl_checkpoint_equals_applying_it(tmp_path):
+    """A tiny SDXL diffusers folder becomes an A1111-layout single file (OpenCLIP q/k/v fused);
+    a kohya SDXL LoRA (lora_unet_, lora_te1_, lora_te2_) merged into that file gives what
+    diffusers' load_lora_weights gives on the folder, the second text encoder included."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from pipelines import probe
+    from pipelines.arch import Arch
+    from pipelines.configs import load_tokenizer
+
+    # a second text encoder wider than the first, as in SDXL (the single-file loader tells them apart by width)
+    folder = factories.write_tiny_sdxl_checkpoint(tmp_path / "xl", seed=0, text_2_width=48)
+    lora = factories.write_tiny_sdxl_lora(tmp_path / "xl-lora.safetensors", folder, seed=1)
+    assert {k.split("_")[1] for k in tensors(lora)} == {"unet", "te1", "te2"}
+    single = merger.merge_checkpoints(tmp_path / "xl.safetensors", folder)  # the folder as an A1111 file
+    header = probe.read_safetensors_header(single)
+    assert probe.probe_checkpoint(header) is Arch.SDXL
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in header.tensors
+    unet_config = dict(UNet2DConditionModel.load_config(folder / "unet"))  # the tiny UNet's block layout
+    merged = merger.merge_checkpoints(tmp_path / "xl-merged.safetensors", single, loras=[LoraWeight(lora, 0.7)],
+                                      unet_config=unet_config)
+    assert json.loads(metadata(merged)["sd_merge_recipe"])["loras"] == [{"name": lora.name, "weight": 0.7}]
+
+    tokenizers = dict(tokenizer=load_tokenizer(), tokenizer_2=load_tokenizer(pad_with_bang=True))
+
+    def from_file(path):
+        return StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                          **tokenizers)
+
+    def run(pipe) -> np.ndarray:
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt="a red circle", negative_prompt="", num_inference_steps=3, guidance_scale=5.0,
+                    width=64, height=64, generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+
+    def text_2(pipe, ids) -> torch.Tensor:
+        with torch.no_grad():
+            return pipe.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2]
+
+    applied = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True, **tokenizers)
+    base, unmerged = run(applied), from_file(single)
+    assert np.abs(run(unmerged) - base).max() < 1e-5  # the folder -> single file conversion is exact
+    applied.load_lora_weights(str(lora), adapter_name="xl_lora")
+    applied.set_adapters(["xl_lora"], [0.7])
+    merged_pipe = from_file(merged)
+    ids = applied.tokenizer_2(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert (text_2(applied, ids) - text_2(unmerged, ids)).abs().max() > 1e-2, "the LoRA must reach text_encoder_2"
+    torch.testing.assert_close(text_2(merged_pipe, ids), text_2(applied, ids), atol=1e-4, rtol=1e-4)
+    with_lora = run(applied)
+    assert np.abs(with_lora - base).max() > 0.05
+    assert np.abs(run(merged_pipe) - with_lora).max() < 2e-3
