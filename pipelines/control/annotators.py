@@ -270,7 +270,8 @@ def _depth(far_is_large: bool):
             depth = torch.nn.functional.interpolate(depth.reshape(1, 1, *depth.shape[-2:]), size=image.shape[:2],
                                                     mode="bicubic", align_corners=False)[0, 0].numpy()
         depth = depth - depth.min()
-        depth = depth / max(float(depth.max()), 1e-8)
+        peak = float(depth.max())
+        depth = depth / peak if peak > 0 else depth  # a flat map stays black
         if far_is_large:
             depth = 1.0 - depth
         return np.round(depth * 255.0).clip(0, 255).astype(np.uint8)

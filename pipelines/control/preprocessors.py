@@ -272,8 +272,8 @@ def detect(name: str, image: Image.Image, *, resolution: int = 512, threshold_a:
     source = image.convert("RGB")
     if resolution and resolution > 0 and preprocessor.name != "none":
         source = _short_side(source, int(resolution))
-    pixels, value_a, value_b = np.asarray(source).copy(), preprocessor.value_a(threshold_a), preprocessor.value_b(
-        threshold_b)
+    pixels = np.asarray(source).copy()
+    value_a, value_b = preprocessor.value_a(threshold_a), preprocessor.value_b(threshold_b)
     if preprocessor.run is None:
         out = annotators.run(preprocessor.name, annotators.ANNOTATORS[preprocessor.name], pixels, value_a, value_b,
                              models_dir)

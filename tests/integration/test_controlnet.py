@@ -30,7 +30,8 @@ def control_engine(tmp_path_factory):
         unet = active.pipe.unet
         text_hidden = active.pipe.text_encoder.config.hidden_size
     folder = root / "models" / "ControlNet"
-    write_controlnet(folder / "control_tiny_canny.safetensors", tiny_controlnet(unet, seed=1), layout="ldm")
+    canny = tiny_controlnet(unet, seed=1)
+    write_controlnet(folder / "control_tiny_canny.safetensors", canny, layout="ldm")
     write_controlnet(folder / "diffusers_tiny_other.safetensors", tiny_controlnet(unet, seed=2), layout="diffusers")
     # An SDXL ControlNet as the registry sees it: cross-attention 2048 wide (header is enough).
     save_file({"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(4, 2048)},
@@ -41,7 +42,7 @@ def control_engine(tmp_path_factory):
     write_t2i_adapter(folder / "t2iadapter_tiny_canny_original.safetensors",
                       tiny_t2i_adapter(unet, seed=6, in_channels=1), layout="original")
     # the same weights as control_tiny_canny, as a weights-only torch.save of the LDM state dict
-    torch.save(controlnet_to_ldm(tiny_controlnet(unet, seed=1)), folder / "control_tiny_canny_pth.pth")
+    torch.save(controlnet_to_ldm(canny), folder / "control_tiny_canny_pth.pth")
     # an IP-Adapter with its image encoder in models/ControlNet (A1111 extension users keep them there)
     write_tiny_ip_adapter(root / "models", unet, name="ip-adapter_cn.safetensors", seed=3, folder="ControlNet")
     manager.registry.refresh()
