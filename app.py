@@ -165,11 +165,18 @@ def launch_options(settings, auth=None) -> dict[str, Any]:
 
 def api_authenticator(settings, ui_authenticator=None):
     """Who may use the REST API: --api-auth users when given (same syntax as --auth, hashed
-    passwords and @admins included), else the UI's login; None: the API is open."""
+    passwords and @admins included), else the UI's login; None: the API is open. With no @admin
+    among the --api-auth users, all of them are admins: in A1111 the API login is the operator's,
+    and clients (Open WebUI, webuiapi) set the model with it."""
+    from dataclasses import replace
+
     from pipelines.access import Authenticator, parse_credentials
 
     if settings.api_auth:
-        return Authenticator(parse_credentials(settings.api_auth.split(","), "--api-auth"))
+        users = parse_credentials(settings.api_auth.split(","), "--api-auth")
+        if not any(user.admin for user in users):
+            users = [replace(user, admin=True) for user in users]
+        return Authenticator(users)
     return ui_authenticator if ui_authenticator is not None else authenticator(settings)
 
 

@@ -48,4 +48,4 @@ def add_routes(router: APIRouter, ctx: Any, authenticate: Callable, verify: Any)
         if index is None:
             return {"entries": []}
         entries = index.entries(owner=owner(user) if user else None, limit=limit)
-        return {"entries": [{**e.to_json(), "file": str(index.absolute(e))} for e in entries]}
+        return {"entries": [index.public_entry(e) for e in entries]}

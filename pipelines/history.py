@@ -111,6 +111,15 @@ class HistoryIndex:
     def absolute(self, entry: HistoryEntry) -> Path:
         return self.outputs_root / entry.path
 
+    def public_entry(self, entry: HistoryEntry) -> dict[str, Any]:
+        """An entry as the /history views show it. The relative path is `relative_path`, never
+        `path`: gradio_client takes any JSON object with a string "path" for a file to
+        download, and a relative one is not servable."""
+        data = entry.to_json()
+        data["relative_path"] = data.pop("path")
+        data["file"] = str(self.absolute(entry))
+        return data
+
     # --- start-up ----------------------------------------------------------------------------
 
     def load_or_rebuild(self) -> str:

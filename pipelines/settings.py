@@ -161,9 +161,9 @@ _FIELD_TYPES = {"data_dir": Path, "models_dir": Path, "embeddings_dir": Path, "a
                 "max_height": int, "max_steps": int, "max_batch_images": int, "max_upload_mb": float,
                 "max_upload_pixels": int, "max_request_mb": float, "api_auth": str, "control_net_unit_count": int,
                 "fast": bool, "fast_compile": bool, "medvram": bool, "lowvram": bool,
-                "lora_max_resident": int, "lora_fuse": bool,
                 "fast_compile_mode": str, "fast_compile_backend": str, "fast_lora_rank": int,
                 "deepcache": int, "tomesd": float,
+                "lora_max_resident": int, "lora_fuse": bool,
                 "vae_tile_above_pixels": int, "sdxl_clip_l_skip": bool}
 
 

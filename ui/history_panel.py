@@ -24,7 +24,7 @@ def history_view(ctx: AppContext, request: Any, limit: int = MAX_ENTRIES) -> dic
     viewer = owner_of(request)
     owner = viewer if ctx.authenticator is not None else None
     entries = index.entries(owner=owner, limit=max(1, min(int(limit), 1000)))
-    return {"you": viewer, "entries": [{**e.to_json(), "file": str(index.absolute(e))} for e in entries]}
+    return {"you": viewer, "entries": [index.public_entry(e) for e in entries]}
 
 
 def build(ctx: AppContext, reg: ComponentRegistry) -> None:

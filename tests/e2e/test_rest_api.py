@@ -1,5 +1,6 @@
 """The A1111-compatible REST API on the real server, driven by real clients: webuiapi (the
-A1111 client library) and plain `requests` replaying Open WebUI's calls. Results are compared
+A1111 client library), plain `requests` replaying Open WebUI's calls, and gradio_client on a
+second server whose UI and API share a login. Results are compared
 with the engine run in this process on the same checkpoint, pixel for pixel, and infotexts are
 parsed back to the request."""
 import base64
@@ -266,3 +267,113 @@ def test_controlnet_through_webuiapi_matches_the_engine(webui, engine, first, co
                                        threshold_b=200)
     want = preprocessors.detect("canny", square(), resolution=64, threshold_a=100, threshold_b=200)
     assert np.array_equal(pixels(detected.image), pixels(want))
+
+
+def stroke() -> Image.Image:
+    mask = Image.new("RGB", (64, 64))
+    mask.paste((255, 255, 255), (8, 30, 56, 34))  # a drawn line: the extension uses it as the map
+    return mask
+
+
+def test_img2img_with_a_controlnet_unit_matches_the_engine(webui, engine, first, controlnet_model):
+    import webuiapi
+
+    from pipelines.control import ControlUnit
+
+    init = first.image.convert("RGB")
+    img2img = dict(init_image=init, denoising_strength=0.8, **ENGINE_BASE)
+    unit_fields = dict(model=controlnet_model, resize_mode="Resize and Fill", processor_res=64, threshold_a=100,
+                       threshold_b=200)
+    plain = webui.img2img(images=[init], denoising_strength=0.8, **BASE)
+    result = webui.img2img(images=[init], denoising_strength=0.8, **BASE, controlnet_units=[
+        webuiapi.ControlNetUnit(image=square(), module="canny", **unit_fields)])
+    expected = generate(engine, None, GenerationRequest(task="img2img", control_units=(
+        ControlUnit(module="canny", image=square(), **unit_fields),), **img2img))
+    assert np.array_equal(pixels(result.image), pixels(expected.images[0]))
+    assert not np.array_equal(pixels(result.image), pixels(plain.image))  # the unit changed the picture
+    assert "ControlNet 0: " in result.info["infotexts"][0]
+    # A drawn unit mask is the control map, with preprocessor "none" (the extension's rule).
+    masked = webui.img2img(images=[init], denoising_strength=0.8, **BASE, controlnet_units=[
+        webuiapi.ControlNetUnit(image=square(), mask=stroke(), module="canny", **unit_fields)])
+    want = generate(engine, None, GenerationRequest(task="img2img", control_units=(
+        ControlUnit(module="none", image=stroke(), **unit_fields),), **img2img))
+    assert np.array_equal(pixels(masked.image), pixels(want.images[0]))
+    assert "Module: none" in masked.info["infotexts"][0]
+
+
+# --- one user, two doors: the REST API and the UI share the queue and the progress --------------------
+
+LOGIN = ("carol", "carol-pw")
+
+
+@pytest.fixture(scope="module")
+def login_server(server, tmp_path_factory):
+    """A second server whose UI and REST API share one login (--auth and no --api-auth), reading
+    the first server's models folder."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import REPO_ROOT, Server, free_port, wait_until_serving
+
+    data_dir = tmp_path_factory.mktemp("login-data")
+    port = free_port()
+    log = data_dir / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("EASEL_DATA_DIR", None)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "import sys, app; sys.exit(app.main(sys.argv[1:]))", "--data-dir", str(data_dir),
+             "--models-dir", str(server.data_dir / "models"), "--port", str(port), "--device", "cpu", "--api",
+             "--auth", ":".join(LOGIN)],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    running = Server(url=f"http://127.0.0.1:{port}", data_dir=data_dir, log=log, process=process)
+    try:
+        wait_until_serving(running, "/openapi.json", ready=(401,))  # the REST API mounts just after launch
+        yield running
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def wait_for(check, what: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    pytest.fail(f"{what} within {timeout} s")
+
+
+def test_a_users_rest_job_is_in_their_ui_queue_and_their_ui_job_in_rest_progress(login_server):
+    from gradio_client import Client
+
+    ui = Client(login_server.url, auth=LOGIN, verbose=False)
+    long = {"prompt": "a long job", "steps": 150, "width": 256, "height": 256, "seed": 3, "sampler_name": "Euler"}
+    outcome = {}
+    rest = threading.Thread(target=lambda: outcome.update(response=requests.post(
+        f"{login_server.url}/sdapi/v1/txt2img", auth=LOGIN, json=long, timeout=300)))
+    rest.start()
+    view = wait_for(lambda: [j for j in ui.predict(api_name="/queue")["jobs"] if j["state"] == "running"],
+                    "the REST job never showed in the UI's queue")
+    assert ui.predict(api_name="/queue")["you"] == "user:carol"
+    assert [(j["mine"], j["task"]) for j in view] == [(True, "txt2img")]
+    assert ui.predict(scope="mine", api_name="/cancel") == {"cancelled": 1}  # the UI's Cancel stops it
+    rest.join(120)
+    assert json.loads(outcome["response"].json()["info"])["interrupted"] is True
+
+    job = ui.submit(prompt="a long ui job", steps=150, width=256, height=256, seed=4, checkpoint="tiny.safetensors",
+                    api_name="/txt2img")
+    progress = wait_for(lambda: (lambda p: p if p["state"]["sampling_step"] >= 2 else None)(
+        requests.get(f"{login_server.url}/sdapi/v1/progress", auth=LOGIN, timeout=30).json()),
+        "the UI job never showed in REST /progress")
+    assert progress["state"]["sampling_steps"] == 150 and 0 < progress["progress"] < 1
+    assert progress["state"]["job"].startswith("txt2img") and progress["state"]["job_count"] >= 1
+    assert requests.post(f"{login_server.url}/sdapi/v1/interrupt", auth=LOGIN, timeout=30).json() == {}
+    _gallery, info = job.result(timeout=300)
+    assert info["interrupted"] is True and len(info["seeds"]) == 1

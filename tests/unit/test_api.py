@@ -79,11 +79,16 @@ class FakeJobs:
 
 
 class FakeManager:
-    def __init__(self):
+    def __init__(self, registry=None):
         import torch
         from pipelines.cache import ModelCache
         self.loads, self.unloads = [], 0
         self.cache, self.device, self.dtype = ModelCache(1 << 20), torch.device("cpu"), torch.float32
+        self.registry = registry  # as the real manager has
+
+    def device_lock(self):
+        from contextlib import nullcontext
+        return nullcontext()
 
     def pipeline(self, task, checkpoint, vae="Automatic"):
         from contextlib import nullcontext
@@ -113,7 +118,7 @@ def ctx(tmp_path):
     registry = ModelRegistry(paths, HashCache(tmp_path / "data" / "cache.json"))
     registry.refresh()
     from pipelines.prompts.source import PromptSource
-    return SimpleNamespace(settings=settings, registry=registry, manager=FakeManager(), jobs=FakeJobs(),
+    return SimpleNamespace(settings=settings, registry=registry, manager=FakeManager(registry), jobs=FakeJobs(),
                            prompts=PromptSource.for_data_dir(settings.data_dir))
 
 
@@ -992,4 +997,3 @@ def test_a_load_asked_for_during_a_job_waits_for_it_and_leaves_its_result_alone(
     assert json.loads(during.json()["info"])["sd_model_name"] == "tinyA"
     assert all(np.array_equal(a, b) for a, b in zip(alone, pixels_of(during.json())))
     assert engine_ctx.manager.snapshot()["checkpoint"] == "tinyB.safetensors"  # loaded once the job was done
-

@@ -58,9 +58,11 @@ def test_build_loads_no_model_and_starts_no_worker(built, data_dir):
     assert ctx.jobs.current() is None and ctx.jobs.queued_count() == 0
     # this app's queue has no worker yet (other tests' workers may still be winding down)
     assert not ctx.jobs.running
-    # Only folders were created: no cache.json (nothing hashed), no outputs.
+    # Only folders and the (empty) history index were created: no cache.json (nothing hashed),
+    # no outputs.
     files = sorted(p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.is_file())
-    assert files == ["models/Stable-diffusion/tiny.safetensors", "models/VAE/warm.safetensors"]
+    assert files == ["history.json", "models/Stable-diffusion/tiny.safetensors", "models/VAE/warm.safetensors"]
+    assert json.loads((data_dir / "history.json").read_text())["entries"] == []
     for folder in ("outputs", "models/VAE", "models/Lora", "embeddings"):
         assert (data_dir / folder).is_dir()
 
