@@ -419,7 +419,7 @@ def parse_args(argv=None):
     parser.add_argument("--lora-steps", type=int, default=600)
     parser.add_argument("--lora-lr", type=float, default=2e-3)
     parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--cn-steps", type=int, default=800)
+    parser.add_argument("--cn-steps", type=int, default=2000)
     parser.add_argument("--cn-lr", type=float, default=1e-3)
     parser.add_argument("--adapter-batch", type=int, default=16)
     return parser.parse_args(argv)
