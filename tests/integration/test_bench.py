@@ -3,6 +3,7 @@ figure, not speed), and the full-size SDXL single-file factory writes what Easel
 (checked on tiny configs: same code path, megabytes instead of 6.9 GB)."""
 import json
 
+import pytest
 import torch
 
 from tests import factories
@@ -17,7 +18,8 @@ def test_quick_bench_prints_the_overhead_ratio_and_the_switching_memory_growth(t
     assert json.loads(capsys.readouterr().out) == result
     overhead, switching = result["overhead"], result["switching"]
     assert overhead["model"] == "tinyworld" and overhead["steps"] == 2
-    assert overhead["ratio"] == round(overhead["easel_s"] / overhead["plain_s"], 4) and overhead["ratio"] > 0
+    # the ratio comes from the unrounded times, so it agrees with the printed ones to rounding
+    assert overhead["ratio"] == pytest.approx(overhead["easel_s"] / overhead["plain_s"], rel=2e-3) and overhead["ratio"] > 0
     assert overhead["same_timesteps"] is True  # both sides sample A1111's Euler timesteps
     assert overhead["max_prompt_embedding_diff"] < 1e-4
     assert isinstance(result["overhead_target_met"], bool)
@@ -90,3 +92,27 @@ def test_gpu_throughput_rows_time_the_denoising_loop_on_their_own(monkeypatch):
 def gpu_throughput_progress(step):
     from pipelines.jobs import Progress
     return Progress(step=step, total_steps=3, batch_index=0, batch_count=1)
+
+
+def test_lora_switch_bench_on_tinyworld_reports_its_ratio_and_no_reload():
+    """bench/lora_switch.py's run() on the built-in checkpoint with tiny repeats: the fields, the
+    ratio against the record's own times, and the load counts (not the speed)."""
+    from bench import lora_switch
+
+    switches = 4
+    result = lora_switch.run(lora_switch.BUILTIN, switches=switches, size=64, steps=1,
+                             device=torch.device("cpu"), dtype=torch.float32)
+    assert result["checkpoint"] == "tinyworld.safetensors" and result["switches"] == switches
+    assert result["checkpoint_bytes"] == lora_switch.BUILTIN.stat().st_size
+    cold, switch = result["cold_load_s"], result["switch_s"]
+    assert cold > 0 and switch > 0 and result["ratio_cold_load_to_switch"] > 0
+    # the ratio is from unrounded times: bound it by the 4-decimal times and its own 1 decimal
+    low, high = (cold - 5e-5) / (switch + 5e-5) - 0.05, (cold + 5e-5) / max(switch - 5e-5, 1e-9) + 0.05
+    assert low <= result["ratio_cold_load_to_switch"] <= high
+    select = result["adapter_select_s"]
+    assert (cold - 5e-5) / (select + 5e-6) - 0.05 <= result["ratio_cold_load_to_adapter_select"] \
+        <= (cold + 5e-5) / max(select - 5e-6, 1e-9) + 0.05
+    # the final manager loaded the checkpoint once: no switch or generation reloaded it
+    assert result["checkpoint_loads"] == 1 and result["checkpoint_loads_during_switches"] == 0
+    assert result["generation"]["size"] == 64 and result["generation"]["steps"] == 1
+    assert all(result["generation"][k] > 0 for k in ("no_lora_s", "lora_applied_s", "lora_fused_s"))
