@@ -71,8 +71,9 @@ def vae_table(registry) -> list[list[Any]]:
 
 
 def vae_from_infotext(registry, parsed: Any) -> str | None:
-    """The VAE choice an A1111 infotext names (`VAE` file name, else `VAE hash`), None when it
-    names none or one that is not here (the current choice then stays)."""
+    """The VAE choice an A1111 infotext names (`VAE` file name, else `VAE hash`, hashing the VAE
+    files if no cached hash matches), None when it names none or one that is not here (the
+    current choice then stays)."""
     if not isinstance(parsed, dict):
         return None
     for key in ("VAE", "VAE hash"):
@@ -83,6 +84,21 @@ def vae_from_infotext(registry, parsed: Any) -> str | None:
             return registry.find("vae", value).name
         except ValueError:
             continue
+    return _vae_by_hashing(registry, str(parsed.get("VAE hash") or "").strip().lower())
+
+
+def _vae_by_hashing(registry, shorthash: str) -> str | None:
+    """Registry look-ups match only hashes already cached, and the cache is keyed by file name,
+    so a VAE renamed (or never used) here is missed. VAE folders hold a handful of files: hash
+    them now (cached from then on) rather than drop the pasted VAE."""
+    if not re.fullmatch(r"[0-9a-f]{8,64}", shorthash):
+        return None
+    for entry in registry.vaes():
+        try:
+            if registry.sha256(entry).startswith(shorthash):
+                return entry.name
+        except OSError:
+            continue  # unreadable now: not this one
     return None
 
 

@@ -65,13 +65,31 @@ def test_embedding_by_name_changes_the_image_and_leaves_no_trace(engine):
 
 
 def test_a1111_pt_and_diffusers_bin_formats_load_and_give_the_same_vectors(engine):
-    manager, _ = engine
+    manager, folder = engine
+    base, _ = _run(manager, "a red square")
     safetensors_image, _ = _run(manager, "a red square", negative="glowy")
     pt_image, text = _run(manager, "a red square", negative="glowpt")
     assert np.array_equal(safetensors_image, pt_image)
     assert "glowpt: " in text
+    assert np.abs(pt_image - base).max() > 4  # the negative-prompt embedding acts
     bin_image, text = _run(manager, "a red square glowbin")
     assert "glowbin: " in text
+    assert np.abs(bin_image - base).max() > 4
+    # and it is the files' vectors that act, not the extra words: without the files they are plain text
+    moved = {folder / "glowbin.bin": folder / "glowbin.off", folder / "glowpt.pt": folder / "glowpt.off"}
+    for path, away in moved.items():
+        path.rename(away)
+    manager.registry.refresh()
+    try:
+        bin_as_text, _ = _run(manager, "a red square glowbin")
+        pt_as_text, _ = _run(manager, "a red square", negative="glowpt")
+    finally:
+        for path, away in moved.items():
+            away.rename(path)
+        manager.registry.refresh()
+    assert np.abs(bin_image - bin_as_text).max() > 4
+    assert np.abs(pt_image - pt_as_text).max() > 4
+    assert np.array_equal(_run(manager, "a red square")[0], base)  # words removed: the base exactly
 
 
 def test_an_embedding_for_another_model_stays_plain_text(engine):

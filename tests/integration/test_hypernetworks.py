@@ -94,3 +94,50 @@ def test_pasted_infotext_applies_the_hypernetwork_once(engine):
     assert parse_infotext(both)["Prompt"] == "a red square<hypernet:inkwash:0.6>"
     several = 'a red square<hypernet:inkwash:0.6>\nSteps: 2, Seed: 9, Hypernet: "inkwash, ink2"'
     assert parse_infotext(several)["Prompt"] == "a red square<hypernet:inkwash:0.6><hypernet:ink2:1.0>"
+
+
+def _a1111_cross_attention(attn, hidden, context, pair, strength):
+    """One cross-attention by hand, as A1111 applies a hypernetwork: key and value from
+    `context + mlp(context) * strength` (one MLP each), the query from the hidden states as is."""
+    import torch
+
+    mlp_k, mlp_v = pair
+    query = attn.to_q(hidden)
+    key = attn.to_k(context + mlp_k.linear(context) * strength)
+    value = attn.to_v(context + mlp_v.linear(context) * strength)
+    batch, tokens, inner = query.shape
+    head = inner // attn.heads
+    q, k, v = (t.reshape(batch, -1, attn.heads, head).transpose(1, 2) for t in (query, key, value))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / head ** 0.5, dim=-1)
+    return attn.to_out[0]((weights @ v).transpose(1, 2).reshape(batch, tokens, inner))  # to_out[1]: dropout
+
+
+def test_hypernetwork_attention_equals_the_hand_computed_a1111_formula_within_its_scope(tmp_path):
+    import torch
+
+    from pipelines.adapters.hypernetworks import HypernetworkAttnProcessor, scoped_hypernetworks
+
+    unet = factories.tiny_unet(seed=3)
+    network = load_hypernetwork(factories.write_tiny_hypernetwork(tmp_path / "hn.pt", seed=4))
+    name, attn = next((n, m) for n, m in unet.named_modules() if n.endswith("attn2"))
+    width = attn.to_k.in_features
+    assert width in network.layers  # the MLP pair is chosen by the context's width
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 16, attn.to_q.in_features, generator=generator)
+    context = torch.randn(2, 7, width, generator=generator)
+    original = type(attn.processor)
+    with torch.no_grad():
+        plain = attn(hidden, encoder_hidden_states=context)
+        with scoped_hypernetworks(unet, [(network, 0.7)]):
+            assert isinstance(attn.processor, HypernetworkAttnProcessor)
+            ours = attn(hidden, encoder_hidden_states=context)
+        after = attn(hidden, encoder_hidden_states=context)
+        expected = _a1111_cross_attention(attn, hidden, context, network.layers[width], 0.7)
+    assert torch.allclose(ours, expected, atol=1e-5, rtol=1e-4), name
+    assert (ours - plain).abs().max() > 1e-2  # the hypernetwork really changes the layer
+    # a strength of 0 or the key/value swapped would not match the reference
+    swapped = _a1111_cross_attention(attn, hidden, context, network.layers[width][::-1], 0.7)
+    assert not torch.allclose(ours, swapped, atol=1e-4)
+    # the scope over: the original processor, and plain attention's output exactly
+    assert type(attn.processor) is original and not isinstance(attn.processor, HypernetworkAttnProcessor)
+    assert torch.equal(after, plain)
