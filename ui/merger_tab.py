@@ -2,7 +2,8 @@
 
 Public endpoints `merge_checkpoints` and `merge_loras`. Outputs go only into the models folders
 (models/Stable-diffusion, models/Lora) under a validated plain file name; after a merge the
-registry is rescanned and the checkpoint dropdown lists the new file at once.
+registry is rescanned and the checkpoint dropdowns (top bar, merger, txt2img's hires and refiner)
+list the new file at once.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from pipelines import merger
+from pipelines import hires, merger
+from ui import hires_controls
 from ui.components import ComponentRegistry
 from ui.context import AppContext
 from ui.errors import user_error
@@ -134,14 +136,22 @@ def wire(ctx: AppContext, reg: ComponentRegistry) -> None:
             raise user_error(exc) from exc
         choices = checkpoint_choices(ctx.registry)
         lists = [gr.update(choices=choices)] + [gr.update(choices=[NO_MODEL] + choices)] * 2
+        lists += [gr.update(choices=[hires.SAME_CHECKPOINT] + choices)] * len(hires_lists)
+        refiners = [hires_controls.NO_REFINER] + hires_controls.refiner_choices(ctx)
+        lists += [gr.update(choices=refiners)] * len(refiner_lists)
         return [f"Saved {path.name}"] + lists + [gr.update(choices=choices, value=checkpoint)]
 
+    # txt2img's hires and refiner checkpoint lists get the new model too (choices only: the
+    # user's selection there stays)
+    hires_lists = [n for n in ("txt2img.hr_checkpoint",) if n in reg]
+    refiner_lists = [n for n in ("txt2img.refiner_checkpoint",) if n in reg]
     reg[p + "run"].click(
         merge_checkpoints,
         inputs_kwargs={**reg.keyword_inputs(("primary", "secondary", "tertiary", "method", "multiplier", "vae",
                                              "precision", "loras", "output_name", "overwrite"), prefix=p),
                        "checkpoint": reg["checkpoint"]},
-        outputs=reg.many(p + "result", p + "primary", p + "secondary", p + "tertiary", "checkpoint"),
+        outputs=reg.many(p + "result", p + "primary", p + "secondary", p + "tertiary", *hires_lists, *refiner_lists,
+                         "checkpoint"),
         api_name="merge_checkpoints", concurrency_id="merge", concurrency_limit=1)
 
     def merge_loras(loras: str, mode: str = "concat", rank: float = 32, precision: str = "fp16",

@@ -1,12 +1,13 @@
 """Hires fix on tiny-world: the target size, the first pass is a plain txt2img, denoise 0 gives the
-upscaled first pass, a model upscaler and a second checkpoint work, and the infotext has A1111's keys."""
+upscaled first pass (the model-upscaled one for a model upscaler), a second checkpoint and the
+hires negative prompt work, and the infotext has A1111's keys."""
 from unittest import mock
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import hires
+from pipelines import hires, upscalers
 from pipelines.generate import generate
 from pipelines.metadata import parse_infotext
 from pipelines.request import GenerationRequest
@@ -192,3 +193,27 @@ def test_img2img_total_steps_lands_on_the_requested_steps():
             total = hires.img2img_total_steps(steps, strength)
             assert int(total * strength) == steps, (steps, strength, total)
             assert total == steps or int((total - 1) * strength) < steps  # the smallest such total
+
+
+def test_hires_negative_prompt_changes_the_second_pass_and_empty_means_the_first_pass_one(engine):
+    """A1111: an empty hires negative prompt is the first-pass negative prompt; another one
+    conditions the second pass."""
+    common = dict(negative_prompt="blurry, dark", **HIRES)
+    empty = generate(engine, None, tinyworld(hr_negative_prompt="", **common)).images[0]
+    same = generate(engine, None, tinyworld(hr_negative_prompt="blurry, dark", **common)).images[0]
+    other = generate(engine, None, tinyworld(hr_negative_prompt="a green circle", **common)).images[0]
+    assert same.tobytes() == empty.tobytes()
+    # the hires negative prompt is used (so "same == empty" above is not trivially true)
+    assert np.abs(np.asarray(other, float) - np.asarray(empty, float)).mean() > 2
+
+
+def test_model_upscaler_at_denoise_zero_is_the_model_upscaled_first_pass(engine):
+    """Pixel-equal: the hires path upscales the same decoded first-pass image with the same
+    Upscalers (no extra encode/decode round trip at denoise 0)."""
+    plain = generate(engine, None, tinyworld()).images[0]
+    expected = upscalers.Upscalers.for_manager(engine).upscale(plain, 128, 128, "2x-tiny")
+    image = generate(engine, None, tinyworld(enable_hr=True, hr_upscaler="2x-tiny", hr_scale=2,
+                                             denoising_strength=0.0)).images[0]
+    assert image.size == (128, 128)
+    assert image.tobytes() == expected.tobytes()
+    assert image.tobytes() != plain.resize((128, 128), Image.LANCZOS).tobytes()  # the model did the upscale

@@ -162,6 +162,30 @@ def test_merge_from_the_tab_lists_the_new_checkpoint_without_restart(tmp_path):
     assert lora.parent == (data / "models" / "Lora").resolve()
     assert "twice.safetensors" in [e.name for e in ctx.registry.loras()]
 
+    # the Merge button (the handler Gradio runs) updates every checkpoint list, txt2img's hires and
+    # refiner lists included; the refiner list takes only SDXL models, so an SDXL merge for it
+    from ui.layout import build_ui
+
+    factories.write_tiny_sdxl_checkpoint(data / "models" / "Stable-diffusion" / "XL", seed=0)
+    ctx.registry.refresh()
+    blocks, reg = build_ui(ctx)
+    [button] = [fn for fn in blocks.fns.values() if (reg["merger.run"]._id, "click") in map(tuple, fn.targets)]
+
+    def merge(**values):
+        returned = button.fn(**values, progress=lambda *a, **k: None)
+        return {block._id: update for block, update in zip(button.outputs, returned, strict=True)}
+
+    def choices(updates, name):
+        return [c[0] if isinstance(c, (tuple, list)) else c for c in updates[reg[name]._id]["choices"]]
+
+    updates = merge(primary="A", secondary="B", output_name="AB again")
+    for name in ("merger.primary", "checkpoint", "txt2img.hr_checkpoint"):
+        assert "AB again.safetensors" in choices(updates, name), name
+    assert "AB again.safetensors" not in choices(updates, "txt2img.refiner_checkpoint")  # tiny-world: no refiner
+    updates = merge(primary="XL", output_name="XL mix")
+    for name in ("merger.primary", "txt2img.hr_checkpoint", "txt2img.refiner_checkpoint"):
+        assert "XL mix.safetensors" in choices(updates, name), name
+
 
 def test_lora_merged_equals_the_lora_tag_in_a_prompt(root, tmp_path):
     """The same LoRA through the adapters lane's path (`<lora:name:w>` in the prompt, applied by

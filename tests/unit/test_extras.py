@@ -80,6 +80,33 @@ def test_batch_folder_must_be_inside_the_data_dir(tmp_path):
         extras.batch_folder_images("missing", data)
 
 
+def test_a_batch_folder_upscales_each_file_as_a_single_image_and_keeps_its_parameters(tmp_path, tool):
+    """The batch path (folder -> files -> decoded images -> process_one): each saved result has the
+    pixels of the single-image model upscale of its input, and the input's `parameters` (or none)."""
+    data = tmp_path / "data"
+    (data / "inputs").mkdir(parents=True)
+    with_parameters = source_image(data / "inputs" / "a.png")
+    plain = Image.fromarray(255 - np.asarray(with_parameters), "RGB")  # other pixels, no text chunk
+    plain.save(data / "inputs" / "b.png")
+    options = extras.ExtrasOptions(upscaler_1="2x-tiny", upscaling_resize=2)
+    outputs = OutputStore(tmp_path / "outputs")
+    paths = extras.batch_folder_images("inputs", data)
+    results = [extras.process_one(tool, outputs, image, options) for image in extras.open_images(paths)]
+    assert [p.name for p in paths] == ["a.png", "b.png"] and len(results) == 2
+    expected_parameters = ["a cat\nSteps: 4, Sampler: Euler, Seed: 5, Size: 40x30", None]
+    for source, parameters, (result, text, path) in zip((with_parameters, plain), expected_parameters, results):
+        single = tool.upscale(source, 80, 60, "2x-tiny")
+        assert result.tobytes() == single.tobytes()
+        with Image.open(path) as saved:
+            saved.load()
+            assert saved.size == (80, 60) and saved.convert("RGB").tobytes() == single.tobytes()
+            assert saved.info.get("parameters") == parameters
+            assert saved.info["postprocessing"] == text
+            assert text == "Postprocess upscale by: 2, Postprocess upscaler: 2x-tiny"
+    assert results[0][0].tobytes() != results[1][0].tobytes()  # two inputs, two different results
+    assert results[0][0].tobytes() != with_parameters.resize((80, 60), Image.LANCZOS).tobytes()  # the model ran
+
+
 def test_saving_twice_in_a_day_numbers_the_files(tmp_path):
     """A1111 names extras `NNNNN.png`; the second save of a day must not collide with the first."""
     from PIL import Image

@@ -1,7 +1,8 @@
 """Upscalers: tiny ESRGAN files in the layouts real files use (original ESRGAN slots, BasicSR
 names; .pth and .safetensors) give what an independent forward written here gives; other
-architectures load through spandrel (skipped without it); tiling matches the untiled result
-away from seams; Lanczos/Nearest/latent modes; unsafe pickles are refused."""
+architectures (Compact, SwinIR, DAT, HAT) load through spandrel (skipped without it); tiling
+matches the untiled result away from seams; Lanczos/Nearest/latent modes; unsafe pickles are
+refused."""
 import pickle
 
 import numpy as np
@@ -180,6 +181,53 @@ def test_other_architectures_load_through_spandrel_and_scale(tmp_path, folder, n
     with torch.no_grad():
         direct = upscalers.tensor_to_image(model(upscalers.image_to_tensor(image)))
     assert out.tobytes() == direct.tobytes()  # exactly the factor: no Lanczos resize after the model
+    assert np.abs(np.asarray(out, float) - np.asarray(image.resize(out.size, Image.LANCZOS), float)).mean() > 1
+
+
+def tiny_dat(scale: int):
+    """A tiny DAT (one group of two blocks; 32 channels: DAT's attention splits it by 2, 4 and 16)."""
+    from spandrel.architectures.DAT import DAT
+
+    return DAT(img_size=16, embed_dim=32, split_size=[2, 4], depth=[2], num_heads=[2], expansion_factor=2.0,
+               upscale=scale)
+
+
+def tiny_hat(scale: int):
+    """A tiny HAT (one group of two blocks, window 4; squeeze 6 keeps its channel attention non-empty)."""
+    from spandrel.architectures.HAT import HAT
+
+    return HAT(img_size=16, embed_dim=12, depths=[2], num_heads=[2], window_size=4, compress_ratio=3,
+               squeeze_factor=6, mlp_ratio=2.0, upscale=scale, num_feat=8)
+
+
+@pytest.mark.parametrize("folder, name, build", [
+    ("DAT", "2x-dat.safetensors", tiny_dat),
+    ("DAT", "4x-dat.pth", tiny_dat),
+    ("HAT", "2x-hat.safetensors", tiny_hat),
+    ("HAT", "4x-hat.pth", tiny_hat),
+])
+def test_dat_and_hat_load_through_spandrel_and_match_their_own_forward(tmp_path, folder, name, build):
+    """Built with spandrel's own classes, saved as real files are, loaded through Easel's loader:
+    the upscale is exactly the built model's forward at its scale."""
+    _need_spandrel()
+    from tests.upscaler_factory import save_weights
+
+    scale = int(name[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        built = build(scale).eval()  # eval: DAT has BatchNorm, both have drop-path
+    path = save_weights(tmp_path / folder / name, built.state_dict())
+    model = upscalers.load_upscaler_model(path)
+    assert (model.architecture, model.scale) == (folder, scale)
+    tool = upscalers.Upscalers(tmp_path, ModelCache(1 << 28), torch.device("cpu"))
+    assert path.stem in tool.names()
+    image = gradient(20, 18)  # not a multiple of the window / split sizes: the models pad inside
+    out = tool.upscale(image, 20 * scale, 18 * scale, path.stem)
+    assert out.size == (20 * scale, 18 * scale)
+    with torch.no_grad():
+        expected = built(upscalers.image_to_tensor(image))
+    assert expected.shape[-2:] == (18 * scale, 20 * scale)
+    assert out.tobytes() == upscalers.tensor_to_image(expected).tobytes()
     assert np.abs(np.asarray(out, float) - np.asarray(image.resize(out.size, Image.LANCZOS), float)).mean() > 1
 
 
