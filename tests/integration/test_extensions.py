@@ -253,6 +253,40 @@ def test_listen_without_the_flag_refuses_changes_in_the_ui_handlers(tmp_path):
     assert not (tmp_path / "data" / "extensions" / "sample").exists()
 
 
+# Every ExtensionActions method that changes the server or fetches for the user, with arguments.
+CHANGES = {
+    "install": lambda a, src: a.install(str(src), "", "", None),
+    "install_from_index": lambda a, src: a.install_from_index(str(src / "index.json"), "sample", None),
+    "search_index": lambda a, src: a.search_index(str(src / "index.json"), "", None),
+    "check_update": lambda a, src: a.check_update("sample", None),
+    "update": lambda a, src: a.update("sample", None),
+    "disable": lambda a, src: a.set_enabled("sample", False, None),
+    "enable": lambda a, src: a.set_enabled("sample", True, None),
+    "uninstall": lambda a, src: a.uninstall("sample", None),
+    "install_requirements": lambda a, src: a.install_requirements("sample", True, None, run=_never_run),
+    "restart": lambda a, src: a.restart(None),
+}
+
+
+def _never_run(*args, **kwargs):
+    raise AssertionError("pip must not run on a refused request")
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_listen_without_the_flag_refuses_every_change(tmp_path, change):
+    folder = write_extension(tmp_path / "src", name="sample")
+    local = actions_for(tmp_path / "data", tmp_path / "none")
+    local.install(str(folder), "", "", None)  # something installed for update/disable/uninstall to act on
+    before = sorted(p.relative_to(tmp_path / "data").as_posix() for p in (tmp_path / "data").rglob("*"))
+    state_before = local.state.disabled()
+    exposed = actions_for(tmp_path / "data", tmp_path / "none", listen=True)
+    with pytest.raises(PermissionError, match="--enable-insecure-extension-access"):
+        CHANGES[change](exposed, tmp_path / "src")
+    # nothing on disk or in the enabled/disabled state changed
+    assert sorted(p.relative_to(tmp_path / "data").as_posix() for p in (tmp_path / "data").rglob("*")) == before
+    assert local.state.disabled() == state_before
+
+
 def test_rest_routes_list_install_and_refuse_when_exposed(tmp_path):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
@@ -285,7 +319,10 @@ def test_rest_routes_list_install_and_refuse_when_exposed(tmp_path):
     listed = {e["name"]: e for e in local.get("/sdapi/v1/extensions").json()}
     assert listed["sample"]["commit_hash"] == commit and listed["sample"]["remote"] == f"file://{repo}"
     assert listed["sample"]["enabled"] is True and listed["xyz-plot"]["builtin"] is True
-    assert exposed.post("/sdapi/v1/extensions/sample/uninstall").status_code == 403 and installed.exists()
+    for action in ("uninstall", "update", "enable", "disable"):
+        refused = exposed.post(f"/sdapi/v1/extensions/sample/{action}")
+        assert refused.status_code == 403 and "--enable-insecure-extension-access" in refused.json()["detail"], action
+    assert installed.exists() and ExtensionState(tmp_path / "data").disabled() == set()
 
     # exposed with the flag: only a logged-in API user may change extensions
     allowed = client_for(Settings(data_dir=tmp_path / "data", listen=True, api=True, auth="ann:pw",
