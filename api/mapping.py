@@ -57,6 +57,38 @@ def with_infotext(payload: _Processing) -> _Processing:
     return payload.model_validate(payload.model_dump() | changes)
 
 
+def _schedule_label(name: str | None) -> str | None:
+    """A schedule's label from any of its names (A1111 sends `karras` or "Karras"); None: unknown."""
+    from pipelines import samplers
+    key = " ".join(str(name or "Automatic").split()).casefold()
+    return next((s.label for s in samplers.schedules()
+                 if key in (s.name.casefold(), s.label.casefold(), *(a.casefold() for a in s.aliases))), None)
+
+
+def check_unsupported(payload: _Processing) -> None:
+    """A1111 fields Easel accepts but cannot honour: refused when set, so a client never gets an
+    image made without them. webuiapi's defaults (false, 0, None, equal blurs) pass."""
+    if payload.restore_faces:
+        raise ValueError("restore_faces is not supported yet (Easel has no face restoration); "
+                         "send restore_faces: false")
+    if payload.tiling:
+        raise ValueError("tiling is not supported yet (no seamless tiling in Easel); send tiling: false")
+    if payload.subseed_strength and payload.subseed_strength > 0:
+        raise ValueError(f"subseed_strength {payload.subseed_strength}: variation seeds are not supported yet; "
+                         "send subseed_strength: 0")
+    hr_scheduler = getattr(payload, "hr_scheduler", None)
+    # The hires pass always runs on the first pass's schedule (pipelines/hires.py), so only a
+    # value meaning that schedule is honoured.
+    if hr_scheduler not in (None, "", "Use same scheduler") and (
+            _schedule_label(hr_scheduler) != _schedule_label(payload.scheduler)):
+        raise ValueError(f"hr_scheduler '{hr_scheduler}' is not supported: the hires pass uses the first pass's "
+                         f"scheduler ('{payload.scheduler or 'Automatic'}'); send hr_scheduler: \"Use same scheduler\" "
+                         "or set scheduler instead")
+    if isinstance(payload, Img2ImgRequest) and payload.mask_blur is None and payload.mask_blur_x != payload.mask_blur_y:
+        raise ValueError(f"mask_blur_x ({payload.mask_blur_x}) and mask_blur_y ({payload.mask_blur_y}) differ, but "
+                         "Easel blurs the mask equally both ways; send mask_blur, or equal mask_blur_x and mask_blur_y")
+
+
 def request_fields() -> set[str]:
     return {f.name for f in fields(GenerationRequest)}
 
@@ -64,6 +96,7 @@ def request_fields() -> set[str]:
 def _common(payload: _Processing, options: ApiOptions, limits: ImageLimits) -> dict[str, Any]:
     from api import scripts
     scripts.check_script_name(payload.script_name)
+    check_unsupported(payload)
     overrides = payload.override_settings or {}
     resolved = options.resolve(overrides)  # validates checkpoint/VAE/clip skip names
     checkpoint = resolved.get(CHECKPOINT) or options.checkpoint().name

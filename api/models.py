@@ -1,14 +1,69 @@
 """Pydantic models of the A1111 `/sdapi/v1` payloads: the field names and defaults A1111 v1.10
 uses, so the OpenAPI schema at /docs says what the routes accept. Unknown keys are ignored
 (SillyTavern sends `url` and `auth` in the body); fields Easel does not use yet are accepted
-and echoed back in `parameters`, as A1111 does."""
+and echoed back in `parameters`, as A1111 does (those that would change the picture are refused
+when set: `api.mapping.check_unsupported`)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 _LENIENT = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class ControlNetUnit(BaseModel):
+    """One unit of `alwayson_scripts["ControlNet"]["args"]`, with sd-webui-controlnet's field
+    names and Easel's defaults. For the schema only: the units are read by
+    `pipelines.control.ControlUnit.from_a1111`, which also takes the old aliases (`guidance`,
+    `input_image`, `mask_image`, `lowvram`, `guessmode`) and ignores other keys, as the
+    extension does."""
+    model_config = _LENIENT
+
+    enabled: bool = True
+    module: str = Field("none", description="the preprocessor, as GET /controlnet/module_list names it")
+    model: str = Field("None", description="a models/ControlNet file: title, name or 'name [hash]' "
+                                           "(GET /controlnet/model_list)")
+    weight: float = Field(1.0, ge=0, le=2)
+    image: Optional[Union[str, dict[str, Any], list[Any]]] = Field(
+        None, description="base64 image; or {image, mask}; or [image, mask]")
+    mask: Optional[str] = Field(None, description="base64; drawn lines become the control map, all black or "
+                                                  "all white means no mask")
+    resize_mode: Union[int, str] = Field("Crop and Resize", description="0 Just Resize, 1 Crop and Resize, "
+                                                                      "2 Resize and Fill (or the name)")
+    low_vram: bool = Field(False, description="accepted, no effect in Easel")
+    processor_res: int = 512
+    threshold_a: float = Field(-1, description="-1: the preprocessor's default")
+    threshold_b: float = Field(-1, description="-1: the preprocessor's default")
+    guidance_start: float = Field(0.0, ge=0, le=1)
+    guidance_end: float = Field(1.0, ge=0, le=1)
+    control_mode: Union[int, str] = Field("Balanced", description="0 Balanced, 1 My prompt is more important, "
+                                                                  "2 ControlNet is more important (or the name)")
+    pixel_perfect: bool = False
+
+
+class ControlNetScript(BaseModel):
+    """`alwayson_scripts["ControlNet"]` (the key matches case-insensitively)."""
+    model_config = _LENIENT
+    args: list[ControlNetUnit] = Field(default_factory=list, description="one entry per unit; "
+                                       "disabled units (enabled: false) are skipped")
+
+
+class _AlwaysonScriptsSchema:
+    """Documents `alwayson_scripts` as {"ControlNet": ControlNetScript} in the OpenAPI schema while
+    it still validates as a plain dict: `api.scripts.request_values` reads the units, so a typed
+    field would change what the routes accept (extra keys, alias names, error messages)."""
+
+    def __get_pydantic_json_schema__(self, core_schema, handler):
+        schema = handler(core_schema)
+        # handler() on the model's core schema adds it to the components and returns a $ref.
+        schema["properties"] = {"ControlNet": handler(ControlNetScript.__pydantic_core_schema__)}
+        schema["description"] = ("A1111 always-on scripts by title; Easel has ControlNet. Other titles are "
+                                 "refused (GET /sdapi/v1/scripts lists the available ones).")
+        return schema
+
+
+AlwaysonScripts = Annotated[dict[str, Any], _AlwaysonScriptsSchema()]
 
 
 class _Processing(BaseModel):
@@ -54,7 +109,7 @@ class _Processing(BaseModel):
     script_args: list[Any] = Field(default_factory=list)
     send_images: bool = True
     save_images: bool = False
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    alwayson_scripts: AlwaysonScripts = Field(default_factory=dict)
     infotext: Optional[str] = None
 
 

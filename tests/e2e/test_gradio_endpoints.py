@@ -1,7 +1,7 @@
 """gradio_client for the documented endpoints the other e2e files do not drive: /queue and
 /cancel (a running job of this client's session is listed, then cancelled), /extras_batch_images,
 /extras_batch_directory, /merge_loras, /img2img in inpaint mode (against the engine in this
-process), the X/Y/Z plot, Prompts from file and ControlNet Preview endpoints (against plain
+process), the X/Y/Z plot (txt2img and img2img), Prompts from file and ControlNet Preview endpoints (against plain
 /txt2img runs and the preprocessor); each result is compared, not just received."""
 import threading
 import time
@@ -157,6 +157,25 @@ def test_xyz_plot_grid_cells_are_the_plain_txt2img_images(client):
         _cells, info = client.predict(**{**BASE, "steps": steps}, api_name="/txt2img")
         # Only an X axis: the cells are the grid's bottom row, one image wide each, unscaled.
         assert np.array_equal(grid[-64:, index * 64:(index + 1) * 64], rgb(info["paths"][0])), steps
+    with Image.open(grid_path) as saved:
+        assert read_infotext(saved) == infotext
+
+
+def test_img2img_xyz_plot_grid_cells_are_the_plain_img2img_images(client):
+    _gallery, info = client.predict(**BASE, api_name="/txt2img")
+    init_path = info["paths"][0]
+    form = dict(**BASE, mode="img2img", init_image=handle_file(init_path))
+    gallery, infotext = client.predict(**form, xyz_x_type="Denoising", xyz_x_values="0.5, 1.0", xyz_save=True,
+                                       api_name="/img2img_xyz_plot")
+    (grid_path,) = gallery_paths(gallery)
+    grid = rgb(grid_path)
+    assert grid.shape[1] == 2 * 64 and "X Type: Denoising" in infotext and "X Values: \"0.5, 1.0\"" in infotext
+    cells = [grid[-64:, index * 64:(index + 1) * 64] for index in range(2)]
+    for cell, strength in zip(cells, (0.5, 1.0)):
+        _plain, plain_info = client.predict(**form, denoising_strength=strength, api_name="/img2img")
+        assert np.array_equal(cell, rgb(plain_info["paths"][0])), strength
+    # The axis changed the picture: each cell is its own denoise of the init image.
+    assert not np.array_equal(cells[0], cells[1]) and not np.array_equal(cells[0], rgb(init_path))
     with Image.open(grid_path) as saved:
         assert read_infotext(saved) == infotext
 

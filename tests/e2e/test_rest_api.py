@@ -152,16 +152,26 @@ def test_progress_polling_and_interrupt_mid_run(webui, server):
 
     worker = threading.Thread(target=run)
     worker.start()
-    seen, preview = [], None
+    seen, preview, compared = [], None, 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         progress = requests.get(api_url(server, "progress"), auth=auth, timeout=10).json()
         preview = progress["current_image"] or preview
+        if progress["state"]["job"]:
+            # webuiapi's poll, just after: the same running job, no earlier in it.
+            client_view, state = webui.get_progress(), progress["state"]
+            assert 0 < progress["progress"] <= client_view["progress"] < 1, (progress, client_view)
+            for key in ("job", "job_timestamp", "job_count", "sampling_steps", "interrupted"):
+                assert client_view["state"][key] == state[key], key
+            assert state["sampling_step"] <= client_view["state"]["sampling_step"] <= state["sampling_steps"]
+            assert client_view["textinfo"] == f"step {client_view['state']['sampling_step']}/{state['sampling_steps']}"
+            compared += 1
         if progress["state"]["sampling_step"] >= 3 and preview:
             seen.append(progress)
             break
         time.sleep(0.05)
     assert seen, "the job never showed progress with a live preview"
+    assert compared, "webuiapi's get_progress was never compared with a running job"
     live = seen[-1]
     with Image.open(io.BytesIO(base64.b64decode(preview, validate=True))) as image:
         assert image.format == "PNG" and min(image.size) > 0  # the latent preview of the running job

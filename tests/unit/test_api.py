@@ -250,6 +250,17 @@ def test_img2img_without_mask_is_img2img_and_echoes_images_when_asked(client, ct
     ("img2img", {"init_images": ["IMAGE"], "resize_mode": 3}, "resize_mode must be 0"),
     ("img2img", {"init_images": ["IMAGE"], "mask": "IMAGE", "inpainting_fill": 2}, "inpainting_fill must be 0"),
     ("png-info", {"image": "file:///etc/passwd"}, "image URLs are not accepted"),
+    # A1111 fields Easel cannot honour: refused rather than silently ignored.
+    ("txt2img", {"restore_faces": True}, "restore_faces is not supported yet (Easel has no face restoration); "
+                                         "send restore_faces: false"),
+    ("img2img", {"init_images": ["IMAGE"], "tiling": True}, "tiling is not supported yet"),
+    ("txt2img", {"subseed_strength": 0.3}, "subseed_strength 0.3: variation seeds are not supported yet; "
+                                           "send subseed_strength: 0"),
+    ("txt2img", {"enable_hr": True, "hr_scheduler": "Karras"}, "hr_scheduler 'Karras' is not supported: the hires "
+                                                               "pass uses the first pass's scheduler ('Automatic')"),
+    ("txt2img", {"scheduler": "karras", "hr_scheduler": "Automatic"}, "hr_scheduler 'Automatic' is not supported"),
+    ("img2img", {"init_images": ["IMAGE"], "mask": "IMAGE", "mask_blur_x": 4, "mask_blur_y": 8},
+     "mask_blur_x (4) and mask_blur_y (8) differ"),
 ])
 def test_bad_input_is_422_with_a_specific_message(client, ctx, path, body, message):
     image = b64_png(Image.new("RGB", (64, 64)))
@@ -258,6 +269,35 @@ def test_bad_input_is_422_with_a_specific_message(client, ctx, path, body, messa
     assert response.status_code == 422
     assert message in response.json()["detail"] and "\n" not in response.json()["detail"]
     assert ctx.jobs.submitted == []
+
+
+def test_webuiapi_defaults_and_equivalent_values_of_the_refused_fields_pass(client, ctx, monkeypatch):
+    import webuiapi
+
+    # webuiapi's own payloads (every field at its default), sent through the in-process app.
+    monkeypatch.setattr(webuiapi.WebUIApi, "check_extensions", lambda self: None)  # no network in __init__
+    webui = webuiapi.WebUIApi(baseurl="http://testserver/sdapi/v1")
+    monkeypatch.undo()
+    webui.session = client
+    webui.check_extensions()
+    assert webui.has_controlnet  # so it sends its empty ControlNet entry too
+    assert len(webui.txt2img(prompt="a", width=64, height=64, steps=2).images) == 1
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    webui.img2img(images=[Image.new("RGB", (64, 64), "blue")], mask_image=mask, width=64, height=64, steps=2)
+    txt, inpaint = [request for _owner, request in ctx.jobs.submitted]
+    assert (txt.task, txt.steps, inpaint.task, inpaint.mask_blur) == ("txt2img", 2, "inpaint", 4)
+    # Values that mean what Easel does anyway are accepted.
+    for body in ({"hr_scheduler": "Use same scheduler", "restore_faces": False, "tiling": False},
+                 {"hr_scheduler": "Automatic", "subseed_strength": 0},
+                 {"scheduler": "karras", "hr_scheduler": "Karras", "enable_hr": True}):
+        response = client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64, **body})
+        assert response.status_code == 200, (body, response.text)
+    init = b64_png(Image.new("RGB", (64, 64), "blue"))
+    for body, blur in (({"mask_blur_x": 6, "mask_blur_y": 6}, 6), ({"mask_blur": 3, "mask_blur_x": 6, "mask_blur_y": 1}, 3)):
+        response = client.post("/sdapi/v1/img2img", json={"init_images": [init], "mask": b64_png(mask), "width": 64,
+                                                          "height": 64, **body})
+        assert response.status_code == 200 and ctx.jobs.submitted[-1][1].mask_blur == blur, (body, response.text)
 
 
 def test_engine_failure_is_a_json_error(client, ctx):
@@ -426,6 +466,15 @@ def test_openapi_schema_documents_the_a1111_fields(client):
     img2img = schema["components"]["schemas"]["Img2ImgRequest"]["properties"]
     for key in ("init_images", "mask", "inpainting_fill", "resize_mode", "denoising_strength"):
         assert key in img2img
+    # ControlNet units are described, under the key the extension reads, in both requests.
+    unit = schema["components"]["schemas"]["ControlNetUnit"]["properties"]
+    assert {"enabled", "module", "model", "weight", "image", "mask", "resize_mode", "processor_res", "threshold_a",
+            "threshold_b", "guidance_start", "guidance_end", "control_mode", "pixel_perfect"} <= set(unit)
+    assert unit["weight"]["default"] == 1.0 and unit["module"]["default"] == "none"
+    for properties in (txt2img, img2img):
+        controlnet = properties["alwayson_scripts"]["properties"]["ControlNet"]
+        assert controlnet["properties"]["args"]["items"] == {"$ref": "#/components/schemas/ControlNetUnit"}
+        assert properties["alwayson_scripts"]["additionalProperties"] is True  # still a plain dict
     assert client.get("/docs").status_code == 200 and "swagger" in client.get("/docs").text.lower()
 
 
@@ -745,6 +794,25 @@ def test_refresh_routes_pick_up_new_files(client, ctx):
     (models / "VAE" / "vae-ft-mse.safetensors").unlink()
     assert client.post("/sdapi/v1/refresh-vae").status_code == 200
     assert [v["model_name"] for v in client.get("/sdapi/v1/sd-vae").json()] == ["new-vae.safetensors"]
+    # refresh-loras and refresh-embeddings pick up files written since the last scan.
+    import torch
+    from safetensors.torch import save_file
+    from tests import factories
+
+    lora = factories.write_tiny_lora(models / "Lora" / "sub" / "fresh.safetensors", seed=3,
+                                     metadata={"ss_output_name": "freshStyle"})
+    assert "fresh" not in [entry["name"] for entry in client.get("/sdapi/v1/loras").json()]
+    assert client.post("/sdapi/v1/refresh-loras").json() is None
+    listed = {entry["name"]: entry for entry in client.get("/sdapi/v1/loras").json()}
+    assert set(listed) == {"styleA_v3", "fresh"}
+    assert listed["fresh"]["alias"] == "freshStyle" and listed["fresh"]["path"] == str(lora)
+    embeddings = ctx.settings.data_dir / "embeddings"
+    embeddings.mkdir(parents=True, exist_ok=True)
+    save_file({"emb_params": torch.zeros(2, 768)}, str(embeddings / "fresh-emb.safetensors"))
+    assert client.get("/sdapi/v1/embeddings").json()["loaded"] == {}
+    assert client.post("/sdapi/v1/refresh-embeddings").json() is None
+    assert client.get("/sdapi/v1/embeddings").json()["loaded"] == {"fresh-emb": {
+        "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768, "vectors": 2}}
 
 
 def test_hypernetworks_list_a1111_files(client, ctx):
