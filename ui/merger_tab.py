@@ -13,6 +13,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from pipelines import hires, merger
+from pipelines.access import shared_change_refusal
 from ui import hires_controls
 from ui.components import ComponentRegistry
 from ui.context import AppContext
@@ -42,8 +43,20 @@ def parse_lora_list(registry: Any, text: str | None) -> list[merger.LoraWeight]:
     return loras
 
 
+def _output(ctx: AppContext, folder: Path, values: dict[str, Any], username: str | None) -> Path:
+    """The merge's target file. Replacing an existing model changes it for every user, so with
+    logins only admins may overwrite; a new name is anyone's to take."""
+    name, overwrite = values.get("output_name") or "", bool(values.get("overwrite"))
+    if overwrite and merger.output_path(folder, name, overwrite=True).exists():
+        refusal = shared_change_refusal(ctx.authenticator, username, "overwrite a model")
+        if refusal:
+            raise ValueError(refusal)
+    return merger.output_path(folder, name, overwrite=overwrite)
+
+
 def merge_checkpoints_from_values(ctx: AppContext, values: dict[str, Any],
-                                  progress: Callable[[float, str], None]) -> Path:
+                                  progress: Callable[[float, str], None], username: str | None = None) -> Path:
+    """`username`: the logged-in user (None without logins)."""
     registry = ctx.registry
     primary = values.get("primary")
     if not primary:
@@ -53,8 +66,7 @@ def merge_checkpoints_from_values(ctx: AppContext, values: dict[str, Any],
         return registry.find("checkpoint", name).path if name else None
 
     vae = values.get("vae") or KEEP_A_VAE
-    output = merger.output_path(registry.paths.checkpoints, values.get("output_name") or "",
-                                overwrite=bool(values.get("overwrite")))
+    output = _output(ctx, registry.paths.checkpoints, values, username)
     registry.paths.checkpoints.mkdir(parents=True, exist_ok=True)
     path = merger.merge_checkpoints(
         output, path_of(primary), path_of(values.get("secondary")), path_of(values.get("tertiary")),
@@ -66,10 +78,11 @@ def merge_checkpoints_from_values(ctx: AppContext, values: dict[str, Any],
     return path
 
 
-def merge_loras_from_values(ctx: AppContext, values: dict[str, Any], progress: Callable[[float, str], None]) -> Path:
+def merge_loras_from_values(ctx: AppContext, values: dict[str, Any], progress: Callable[[float, str], None],
+                            username: str | None = None) -> Path:
     registry = ctx.registry
     folder = registry.paths.lora[0]
-    output = merger.output_path(folder, values.get("output_name") or "", overwrite=bool(values.get("overwrite")))
+    output = _output(ctx, folder, values, username)
     folder.mkdir(parents=True, exist_ok=True)
     rank = values.get("rank")
     path = merger.merge_loras(output, parse_lora_list(registry, values.get("loras")),
@@ -124,14 +137,16 @@ def wire(ctx: AppContext, reg: ComponentRegistry) -> None:
     def merge_checkpoints(primary: str, secondary: str = "", tertiary: str = "", method: str = merger.WEIGHTED_SUM,
                           multiplier: float = 0.5, vae: str = KEEP_A_VAE, precision: str = "fp16", loras: str = "",
                           output_name: str = "", overwrite: bool = False, checkpoint: str | None = None,
-                          progress=gr.Progress()):
+                          request: gr.Request = None, progress=gr.Progress()):
         """Merge checkpoints: weighted sum or add difference of models A, B (and C), optionally baking
         a VAE and adding LoRAs ("name:weight, ..."); saved as models/Stable-diffusion/<output_name>.safetensors.
         Returns a message and the refreshed checkpoint list."""
+        # Gradio fills `request` (the login decides who may overwrite); None only for direct calls
         values = dict(primary=primary, secondary=secondary, tertiary=tertiary, method=method, multiplier=multiplier,
                       vae=vae, precision=precision, loras=loras, output_name=output_name, overwrite=overwrite)
         try:
-            path = merge_checkpoints_from_values(ctx, values, lambda f, d: progress(f, desc=d))
+            path = merge_checkpoints_from_values(ctx, values, lambda f, d: progress(f, desc=d),
+                                                 username=getattr(request, "username", None))
         except ValueError as exc:
             raise user_error(exc) from exc
         choices = checkpoint_choices(ctx.registry)
@@ -155,12 +170,13 @@ def wire(ctx: AppContext, reg: ComponentRegistry) -> None:
         api_name="merge_checkpoints", concurrency_id="merge", concurrency_limit=1)
 
     def merge_loras(loras: str, mode: str = "concat", rank: float = 32, precision: str = "fp16",
-                    output_name: str = "", progress=gr.Progress()) -> str:
+                    output_name: str = "", request: gr.Request = None, progress=gr.Progress()) -> str:
         """Merge LoRAs ("name:weight, ...") into one: concat (exact) or svd to `rank`; saved as
         models/Lora/<output_name>.safetensors. Returns a message."""
         values = dict(loras=loras, mode=mode, rank=rank, precision=precision, output_name=output_name)
         try:
-            path = merge_loras_from_values(ctx, values, lambda f, d: progress(f, desc=d))
+            path = merge_loras_from_values(ctx, values, lambda f, d: progress(f, desc=d),
+                                           username=getattr(request, "username", None))
         except ValueError as exc:
             raise user_error(exc) from exc
         return f"Saved {path.name}"

@@ -446,13 +446,30 @@ def test_bad_inputs_each_get_a_clear_error_and_the_server_keeps_serving(shared_s
     assert status != 413 and (status in (400, 422) or ("event: error" in stream and "above this server's limit" in stream))
     # NaN is not JSON, so gradio_client cannot send it; a raw call can ("NaN" literal).
     status, stream = raw_call(shared_server, session, cfg_scale=float("nan"))
-    assert status in (400, 422) or ("event: error" in stream and "CFG scale must be between 0 and 100" in stream)
+    # refused before the handler (400/422) or by it (an error event); either way the reason names CFG
+    assert status in (400, 422) or "event: error" in stream, (status, stream)
+    assert re.search(r"cfg", stream, re.IGNORECASE), stream
     # Still serving, with the same pixels as before.
     _gallery, info = txt2img(client, prompt="still here", seed=77)
     from PIL import Image
 
     with Image.open(reference) as before, Image.open(info["paths"][0]) as after:
         assert before.tobytes() == after.tobytes()
+    assert shared_server.process.poll() is None
+
+
+def test_rest_txt2img_above_the_size_limit_is_a_422_naming_it_and_the_server_keeps_serving(shared_server):
+    session = requests.Session()
+    session.trust_env = False
+    body = {"prompt": "too wide", "steps": 1, "width": 2048, "height": 64, "sampler_name": "Euler"}
+    response = session.post(f"{shared_server.url}/sdapi/v1/txt2img", json=body, auth=("u6", PASSWORDS["u6"]),
+                            timeout=120)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "width 2048" in detail and "1024" in detail and "\n" not in detail, detail
+    info = rest_txt2img(shared_server, "u6", {"prompt": "after the refusal", "seed": 5, "steps": 1,
+                                              "checkpoint": "tinyA"})
+    assert info["prompt"] == "after the refusal" and info["width"] == 64
     assert shared_server.process.poll() is None
 
 
@@ -615,3 +632,25 @@ def test_rest_model_changes_and_cancel_all_are_for_the_admin(shared_server):
     assert session.post(f"{url}/options", json={"sd_model_checkpoint": "tinyB"}, auth=admin, timeout=120).ok
     assert session.get(f"{url}/options", auth=user, timeout=30).json()["sd_model_checkpoint"].startswith("tinyB")
     assert session.post(f"{url}/cancel-all", auth=admin, timeout=30).json() == {"cancelled": 0}
+
+
+def test_a_user_cannot_overwrite_a_shared_checkpoint_through_the_merger(shared_server):
+    """Overwriting replaces the model for everyone: admin only."""
+    import hashlib
+
+    target = shared_server.data_dir / "models" / "Stable-diffusion" / "tinyB.safetensors"
+    before = hashlib.sha256(target.read_bytes()).hexdigest()
+    message = expect_error(lambda: connect(shared_server, "u5").predict(
+        primary="tinyA", secondary="tinyC", multiplier=0.5, output_name="tinyB", overwrite=True,
+        api_name="/merge_checkpoints"), r"only admins .*overwrite a model")
+    assert "admin" in message
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == before
+    # Gradio hands the handler the logged-in name: the admin may overwrite (a model of their own,
+    # so tinyB stays as the other tests expect it)
+    root = connect(shared_server, "root")
+    merge = dict(primary="tinyA", secondary="tinyC", multiplier=0.5, output_name="root mix",
+                 api_name="/merge_checkpoints")
+    assert root.predict(**merge)[0] == "Saved root mix.safetensors"
+    assert root.predict(**merge, overwrite=True)[0] == "Saved root mix.safetensors"
+    expect_error(lambda: connect(shared_server, "u5").predict(**merge, overwrite=True), "only admins")
+    assert shared_server.process.poll() is None

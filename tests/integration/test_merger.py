@@ -362,3 +362,54 @@ def test_an_sdxl_lora_merged_into_an_sdxl_checkpoint_equals_applying_it(tmp_path
     with_lora = run(applied)
     assert np.abs(with_lora - base).max() > 0.05
     assert np.abs(run(merged_pipe) - with_lora).max() < 2e-3
+
+
+def test_with_logins_only_admins_overwrite_an_existing_model(tmp_path):
+    """Overwriting replaces a model every user shares: a logged-in non-admin is refused and the
+    file stays byte-identical; an admin may; a new name is anyone's."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    import app
+    from pipelines.settings import Settings
+    from ui import merger_tab
+    from ui.layout import build_ui
+
+    data = tmp_path / "data"
+    ckpts, loras = data / "models" / "Stable-diffusion", data / "models" / "Lora"
+    factories.write_tiny_checkpoint(ckpts / "A.safetensors", seed=0)
+    factories.write_tiny_checkpoint(ckpts / "B.safetensors", seed=1)
+    write_tiny_kohya_lora(loras / "l1.safetensors", seed=1)
+    write_tiny_kohya_lora(loras / "l2.safetensors", seed=2)
+    ctx = app.build_context(Settings(data_dir=data, auth="@root:rp,guest:gp"))
+    assert ctx.authenticator is not None
+    blocks, reg = build_ui(ctx)
+
+    def handler(button):
+        [fn] = [fn for fn in blocks.fns.values() if (reg[button]._id, "click") in map(tuple, fn.targets)]
+        return fn.fn
+
+    def merge(user, **values):  # what Gradio passes: the logged-in user's request
+        return handler("merger.run")(**values, request=SimpleNamespace(username=user),
+                                     progress=lambda *a, **k: None)
+
+    target, original = ckpts / "B.safetensors", (ckpts / "B.safetensors").read_bytes()
+    with pytest.raises(gr.Error, match="only admins .* overwrite a model"):
+        merge("guest", primary="A", secondary="B", multiplier=0.0, output_name="B", overwrite=True)
+    assert target.read_bytes() == original
+    # the LoRA merge guards the same way
+    lora_target, lora_original = loras / "l2.safetensors", (loras / "l2.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="admin"):
+        merger_tab.merge_loras_from_values(ctx, {"loras": "l1:1", "output_name": "l2", "overwrite": True},
+                                           lambda f, d: None, username="guest")
+    assert lora_target.read_bytes() == lora_original
+
+    # a new name needs no admin
+    assert merge("guest", primary="A", secondary="B", output_name="guest mix")[0] == "Saved guest mix.safetensors"
+    # the admin may overwrite: B becomes A (multiplier 0 keeps A's weights)
+    assert merge("root", primary="A", secondary="B", multiplier=0.0, precision="fp32", output_name="B",
+                 overwrite=True)[0] == "Saved B.safetensors"
+    assert target.read_bytes() != original
+    a, b = tensors(ckpts / "A.safetensors"), tensors(target)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

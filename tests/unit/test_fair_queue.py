@@ -171,3 +171,29 @@ def test_a_waiting_ui_job_shows_how_many_jobs_are_ahead(monkeypatch):
         queue.stop()
     assert seen[0] == "queued: 2 job(s) ahead of yours"  # the running job and a1
     assert outputs[-1][1]["infotexts"] == ["mine"] and order == ["first", "a1", "mine"]
+
+
+def test_users_skip_only_their_own_running_batch():
+    seen, gate = {}, threading.Event()
+
+    def run(request, report, token):
+        gate.wait(10)
+        seen[request.prompt] = token.skipping  # what the sampler would see at its next step
+        return GenerationResult(images=[], infotexts=[request.prompt], seeds=[], paths=[])
+
+    queue = JobQueue(run, max_queued_per_user=10)
+    try:
+        running = queue.submit(GenerationRequest(prompt="a1"), owner="a")
+        assert running.wait_started(5)
+        waiting = queue.submit(GenerationRequest(prompt="b1"), owner="b")
+        assert queue.skip("b") == 0  # b has no running job; a's is not b's to skip
+        assert not running.token.skipping
+        assert queue.skip("a") == 1
+        assert running.token.skipping and not waiting.token.skipping
+        gate.set()
+        running.result(10), waiting.result(10)
+        assert seen == {"a1": True, "b1": False}
+        assert queue.skip("a") == 0  # nothing of a's runs any more
+    finally:
+        gate.set()
+        queue.stop()
