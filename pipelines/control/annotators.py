@@ -8,7 +8,8 @@ Where the files are looked for, under models/annotators/ (`ANNOTATORS_FOLDER`):
   `<org>/<name>/` (Intel/dpt-hybrid-midas/), or in the cache layout (`models--Intel--dpt-hybrid-midas/
   snapshots/<revision>/`).
 
-The networks: controlnet_aux's classes (HED, PiDiNet, lineart, anime lineart, MLSD, OpenPose),
+The networks: controlnet_aux's classes (HED, PiDiNet, lineart, anime lineart, MLSD, OpenPose,
+NormalBae),
 given weights read here with `torch.load(weights_only=True)`, so nothing is ever downloaded;
 depth (DPT/MiDaS, ZoeDepth, Depth Anything) and segmentation (UperNet) are transformers models.
 Each run loads its network afresh (nothing is kept between calls). A missing file or package is
@@ -126,7 +127,7 @@ def run(name: str, annotator: Annotator, image: np.ndarray, threshold_a: float, 
 
 def _weights(path: Path) -> dict:
     """A weights-only torch.load (lllyasviel's files are plain state dicts); `module.` prefixes
-    of DataParallel checkpoints and a `state_dict` wrapper are taken off."""
+    of DataParallel checkpoints and a `state_dict` / `model` wrapper are taken off."""
     import pickle
 
     import torch
@@ -140,8 +141,10 @@ def _weights(path: Path) -> dict:
         raise AnnotatorError(f"{path} is not a readable PyTorch file (damaged or not a checkpoint)") from exc
     except Exception as exc:
         raise AnnotatorError(f"{path} is not a readable PyTorch file ({type(exc).__name__})") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):  # PiDiNet's file wraps in "state_dict", NormalBae's in "model"
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict):
         raise AnnotatorError(f"{path} holds no state dict")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
@@ -231,6 +234,24 @@ def _openpose(hand: bool, face: bool):
     return run
 
 
+
+def _normal_bae(image, _a, _b, paths):
+    """Bae et al.'s surface normals (scannet.pt): an EfficientNet-B5 encoder that controlnet_aux
+    builds from its vendored code with pretrained=False, so all weights come from the file."""
+    import contextlib
+    import io
+    import types
+
+    from controlnet_aux.normalbae import NormalBaeDetector
+    from controlnet_aux.normalbae.nets.NNET import NNET
+
+    # the settings the scannet checkpoint was trained with (BatchNorm decoder)
+    args = types.SimpleNamespace(mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4,
+                                 importance_ratio=0.7)
+    with contextlib.redirect_stdout(io.StringIO()):  # the encoder prints its progress
+        network = NNET(args)
+    return _aux_call(NormalBaeDetector(_loaded(network, paths[0])), image)
+
 # --- transformers networks -------------------------------------------------------------------
 
 def _pixels(image: np.ndarray, folder: Path, multiple: int):
@@ -319,6 +340,7 @@ ANNOTATORS = MappingProxyType({
     "openpose_full": Annotator(_aux("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"), AUX,
                                _openpose(hand=True, face=True)),
     "mlsd": Annotator(_aux("mlsd_large_512_fp32.pth"), AUX, _mlsd),
+    "normal_bae": Annotator(_aux("scannet.pt"), AUX, _normal_bae),
     # UperNet (ConvNeXt) for the extension's UniFormer-UperNet ADE20K map; both colour ADE20K classes.
     "seg_ufade20k": Annotator(("openmmlab/upernet-convnext-small/",), TRANSFORMERS + AUX, _segmentation),
 })

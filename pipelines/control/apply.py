@@ -8,7 +8,9 @@ MultiControlNetModel that also applies each unit's control mode as the A1111 ext
 - Balanced: the residuals times the weight.
 - My prompt is more important ("soft injection"): the 13 residuals (12 down + mid in SD1)
   are scaled by weight * 0.825 ** (12 - i), so shallow layers are nearly off and the middle
-  block keeps the full weight; with another number of residuals the same curve is used.
+  block keeps the full weight. SDXL's 10 (9 down + mid) take the first 10 of those 13 factors,
+  as the extension's `control_scales[:10]` does; T2I-Adapter features take its fixed
+  (0.25, 0.62, 0.825, 1.0).
 - ControlNet is more important ("soft injection" + "CFG injection"): the same scaling, and
   the control is added to the conditional half of the CFG batch only, so the unconditional
   prediction ignores it and CFG amplifies the control.
@@ -31,6 +33,7 @@ from pipelines.control import gligen, ip_adapter, models, preprocessors, t2i_ada
 from pipelines.control.units import CONTROL_MODES, UNIT_TYPE_KINDS, ControlUnit
 
 SOFT_INJECTION_BASE = 0.825
+T2I_SOFT_SCALES = (0.25, 0.62, 0.825, 1.0)  # the extension's, per adapter level
 
 
 def _diffusers_multi():
@@ -70,7 +73,7 @@ def make_unit_controlnets(nets: Sequence[Any], control_modes: Sequence[str], cfg
             for image, scale, net, mode in zip(controlnet_cond, conditioning_scale, self.nets, self.control_modes):
                 if not hasattr(net, "controlnet_cond_embedding"):  # a T2I-Adapter: intrablock features, no mid
                     down = t2i_adapter.adapter_features(net, image, scale)
-                    down, _ = _apply_mode(down, down[-1], mode, self.cfg_batches and not guess_mode)
+                    down, _ = _apply_mode(down, down[-1], mode, self.cfg_batches and not guess_mode, adapter=True)
                     total_down = down if total_down is None else [a + b for a, b in zip(total_down, down)]
                     continue
                 down, mid = net(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
@@ -89,11 +92,21 @@ def make_unit_controlnets(nets: Sequence[Any], control_modes: Sequence[str], cfg
     return UnitControlNets()
 
 
-def _apply_mode(down: list[torch.Tensor], mid: torch.Tensor, mode: str, cfg_batches: bool):
+def soft_injection_scales(count: int, adapter: bool = False) -> list[float]:
+    """The extension's per-residual factors, deepest last: `count` down residuals and the mid
+    one for a ControlNet, `count` features for a T2I-Adapter."""
+    if adapter:
+        return list(T2I_SOFT_SCALES[:count]) + [1.0] * (count - len(T2I_SOFT_SCALES))  # never drop a level
+    return [SOFT_INJECTION_BASE ** float(12 - i) for i in range(count + 1)]
+
+
+def _apply_mode(down: list[torch.Tensor], mid: torch.Tensor, mode: str, cfg_batches: bool, adapter: bool = False):
     if mode == CONTROL_MODES[0]:
         return down, mid
-    count = len(down)
-    down = [d * SOFT_INJECTION_BASE ** float(count - i) for i, d in enumerate(down)]
+    scales = soft_injection_scales(len(down), adapter)
+    down = [d * s for d, s in zip(down, scales)]
+    if not adapter:
+        mid = mid * scales[-1]
     if mode == CONTROL_MODES[2] and cfg_batches:
         # The pipeline stacks [unconditional, conditional]: keep the control on the second half.
         keep = torch.ones(mid.shape[0], device=mid.device, dtype=mid.dtype)

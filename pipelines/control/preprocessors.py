@@ -2,10 +2,10 @@
 
 The weight-free ones (none, invert, canny, threshold, scribble_xdog, shuffle, tile_resample,
 blur_gaussian) are ours, with OpenCV and numpy, and always work. The ones that need annotator
-networks (lineart, HED/PiDiNet soft edges, depth, openpose, mlsd, segmentation) run through
-annotators.py (controlnet_aux networks, transformers depth/segmentation models) from files in
-models/annotators; while a file or package is missing they say exactly which file goes where.
-normal_bae and seg_ofade20k are listed with their files but cannot run in Easel yet.
+networks (lineart, HED/PiDiNet soft edges, depth, openpose, mlsd, normal_bae, segmentation) run
+through annotators.py (controlnet_aux networks, transformers depth/segmentation models) from files
+in models/annotators; while a file or package is missing they say exactly which file goes where.
+seg_ofade20k is listed with its file but cannot run in Easel yet.
 
 Thresholds follow the extension: -1 means "the preprocessor's default".
 

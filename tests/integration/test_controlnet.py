@@ -99,6 +99,24 @@ def test_guidance_end_half_lies_between_off_and_full(control_engine, baseline, f
     assert 0 < distance(half, full[0]) < whole
 
 
+
+def test_guidance_start_half_lies_between_and_the_first_half_runs_without_control(control_engine, baseline, full):
+    request = BASE.with_changes(control_units=(UNIT,))
+    with control_engine.pipeline("txt2img", None) as active, attach(control_engine, active, request) as (joined, _):
+        net = joined.pipe.controlnet.nets[0]  # the cached net the next generation uses too
+    scales = []
+    # diffusers still calls a net outside its range, at scale 0: record the scale each step got
+    handle = net.register_forward_hook(lambda _m, _args, kwargs, _out: scales.append(float(kwargs["conditioning_scale"])),
+                                       with_kwargs=True)
+    try:
+        late, _ = run(control_engine, UNIT.with_changes(guidance_start=0.5))
+    finally:
+        handle.remove()
+    assert scales == [0.0, 0.0, 1.0, 1.0]  # 4 steps, one CFG batch each: off, off, on, on
+    whole = distance(full[0], baseline)
+    assert 0 < distance(late, baseline) < whole and distance(late, full[0]) > 1
+
+
 def test_two_units_combine(control_engine, baseline, full):
     other = ControlUnit(module="none", model="diffusers_tiny_other", image=square())
     alone, _ = run(control_engine, other)
@@ -365,3 +383,28 @@ def test_a_unit_type_that_does_not_match_its_model_is_refused(control_engine, fu
                                          "type is IP-Adapter"):
         run(control_engine, UNIT.with_changes(unit_type="IP-Adapter"))
     assert np.array_equal(run(control_engine, UNIT.with_changes(unit_type="ControlNet"))[0], full[0])
+
+
+# --- inpaint with the other unit kinds ----------------------------------------------------------
+
+def gradient() -> Image.Image:
+    """An init image with no two rows alike, so a pixel left untouched is recognisable."""
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    return Image.fromarray(np.stack([ramp[:, None].repeat(64, 1), ramp[None, :].repeat(64, 0),
+                                     np.full((64, 64), 120, np.uint8)], axis=-1))
+
+
+@pytest.mark.parametrize("units, extra", [((T2I_UNIT,), {}), ((IP_UNIT,), {}), ((), GLIGEN)],
+                         ids=["t2i-adapter", "ip-adapter", "gligen"])
+def test_other_unit_kinds_in_inpaint_change_the_masked_area_only(control_engine, units, extra):
+    init = gradient()
+    mask = Image.new("L", (64, 64))
+    ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)
+    inside = np.asarray(mask) > 0
+    changes = dict(task="inpaint", init_image=init, mask=mask, mask_blur=0, denoising_strength=0.8)
+    off, _ = run(control_engine, **changes)
+    on, _ = run(control_engine, *units, **changes, **extra)
+    assert distance(on[inside], off[inside]) > 0.1
+    # outside the mask both keep the init image pixel for pixel (the A1111 overlay)
+    original = np.asarray(init).astype(np.float64)
+    assert np.array_equal(on[~inside], original[~inside]) and np.array_equal(off[~inside], original[~inside])

@@ -216,3 +216,19 @@ def test_openpose_full_loads_its_three_networks_and_runs(tmp_path):
     # random weights find no person, so hands and faces are not searched: a black canvas
     first, second = maps("openpose_full", tmp_path)
     assert first.shape == second.shape == (64, 64, 3) and first.max() == 0
+
+
+def test_normal_bae_runs_from_its_wrapped_checkpoint(tmp_path):
+    import types
+
+    nnet = aux_module("controlnet_aux.normalbae.nets.NNET")
+    args = types.SimpleNamespace(mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4,
+                                 importance_ratio=0.7)
+    torch.manual_seed(0)
+    # scannet.pt as Bae et al. saved it: {"model": state dict of the DataParallel-wrapped NNET}
+    save_weights(nnet.NNET(args), LAYOUTS["repo"](tmp_path, "scannet.pt"),
+                 wrap=lambda state: {"model": {f"module.{k}": v for k, v in state.items()}})
+    first, second = maps("normal_bae", tmp_path)
+    assert_follows_the_input(first, second)
+    # a map of unit normals: (n + 1) / 2 per channel, so no channel is stuck at one end
+    assert all(0 < m[..., c].mean() < 255 for m in (first, second) for c in range(3))
