@@ -138,13 +138,14 @@ def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[i
 
     if request.task == "txt2img":
         if refiner.wanted(request):
-            latents = refiner.run(manager, active, request, seeds, common, callback, prompts)
+            latents = refiner.run(manager, active, request, seeds, common, callback, prompts,
+                                  sdxl_clip_l_skip=sdxl_clip_l_skip, encodings=encodings)
         else:
             latents = pipe(width=request.width, height=request.height, **common).images
         conditioning.finish()  # a hires pass encodes its own prompt
         if request.enable_hr and not cancel.cancelled and not cancel.skipping:
             return hires.run_second_pass(manager, active, request, latents, seeds, callback, decode_latents,
-                                         prompts)
+                                         prompts, sdxl_clip_l_skip=sdxl_clip_l_skip, encodings=encodings)
         return decode_latents(pipe.vae, latents)
 
     init = imageops.resize_image(request.init_image.convert("RGB"), request.width, request.height,

@@ -123,9 +123,11 @@ def img2img_total_steps(steps: int, strength: float) -> int:
 
 def run_second_pass(manager: Any, active: Any, request: Any, latents: torch.Tensor, seeds: list[int],
                     callback: Callable, decode: Callable[[Any, torch.Tensor], list[Image.Image]],
-                    prompts: list | None = None) -> list[Image.Image]:
+                    prompts: list | None = None, sdxl_clip_l_skip: bool = False,
+                    encodings: Any = None) -> list[Image.Image]:
     """The hires pass over a batch's first-pass latents; returns the final images. `prompts`:
-    the batch's per-image prompts (ImagePrompt: styles and wildcards applied), else the request's."""
+    the batch's per-image prompts (ImagePrompt: styles and wildcards applied), else the request's;
+    `sdxl_clip_l_skip` and `encodings` (the request's EncodingCache) as for the first pass."""
     width, height = target_size(request)
     strength = request.denoising_strength
     steps = second_pass_steps(request)
@@ -147,7 +149,7 @@ def run_second_pass(manager: Any, active: Any, request: Any, latents: torch.Tens
         pipe.scheduler = samplers.make_scheduler(sampler, request.schedule, dict(pipe.scheduler.config), seed=seeds[0],
                                                  table=request.additions.samplers)
         total = img2img_total_steps(steps, strength)
-        conditioning = _conditioning(pipe, request, prompts, len(seeds), steps)
+        conditioning = _conditioning(pipe, request, prompts, len(seeds), steps, sdxl_clip_l_skip, encodings)
 
         def on_step_end(pipe_, step, timestep, tensors):
             return {**(callback(pipe_, step, timestep, tensors) or {}), **conditioning.callback_outputs(pipe_, step)}
@@ -161,9 +163,11 @@ def run_second_pass(manager: Any, active: Any, request: Any, latents: torch.Tens
         return decode(pipe.vae, output)
 
 
-def _conditioning(pipe: Any, request: Any, prompts: list | None, count: int, steps: int):
+def _conditioning(pipe: Any, request: Any, prompts: list | None, count: int, steps: int,
+                  sdxl_clip_l_skip: bool = False, encodings: Any = None):
     """The hires pass's prompts in the A1111 prompt language, encoded by the hires pipeline's
-    own text encoders (its checkpoint may differ); editing schedules count the hires steps."""
+    own text encoders (its checkpoint may differ) with the first pass's encoding options
+    (emphasis, clip skip, SDXL CLIP-L skip); editing schedules count the hires steps."""
     from pipelines.prompts.conditioning import build_conditioning
 
     positives = [p.prompt for p in prompts] if prompts else [request.prompt] * count
@@ -172,7 +176,9 @@ def _conditioning(pipe: Any, request: Any, prompts: list | None, count: int, ste
         positives = [request.hr_prompt] * count
     if request.hr_negative_prompt:
         negatives = [request.hr_negative_prompt] * count
-    return build_conditioning(pipe, positives, negatives, steps=steps, clip_skip=getattr(request, "clip_skip", 1))
+    # the cache is keyed by text encoder and options, so another hires checkpoint encodes afresh
+    return build_conditioning(pipe, positives, negatives, steps=steps, clip_skip=request.clip_skip,
+                              emphasis=request.emphasis, sdxl_clip_l_skip=sdxl_clip_l_skip, cache=encodings)
 
 
 @contextmanager

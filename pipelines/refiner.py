@@ -95,10 +95,13 @@ def refiner_pipeline(manager: Any, name: str, dtype: torch.dtype | None = None):
 
 
 def run(manager: Any, active: Any, request: Any, seeds: list[int], common: dict[str, Any],
-        callback: Callable, prompts: list | None = None) -> torch.Tensor:
+        callback: Callable, prompts: list | None = None, sdxl_clip_l_skip: bool = False,
+        encodings: Any = None) -> torch.Tensor:
     """Base to `refiner_switch_at`, refiner from there; returns the final latents. The refiner
-    (one text encoder, pooled output) gets the prompt text with extra-network tags removed."""
-    from pipelines.prompts.extra_networks import extract_extra_networks
+    encodes the prompts in the A1111 prompt language with its own OpenCLIP-G encoder (weights,
+    long prompts in chunks, BREAK, AND, editing) and the request's encoding options; its editing
+    schedule continues the base's steps, as A1111's refiner does."""
+    from pipelines.prompts.conditioning import build_conditioning
 
     if not active.arch.is_sdxl:
         raise ValueError("the refiner hands over SDXL latents; choose an SDXL base checkpoint")
@@ -106,16 +109,34 @@ def run(manager: Any, active: Any, request: Any, seeds: list[int], common: dict[
              else [(request.prompt, request.negative_prompt)] * len(seeds))
     switch = float(request.refiner_switch_at)
     latents = active.pipe(width=request.width, height=request.height, denoising_end=switch, **common).images
+    first_step = _first_refiner_step(active.pipe, request.steps)
     with refiner_pipeline(manager, request.refiner_checkpoint) as pipe:
         pipe.scheduler = samplers.make_scheduler(request.sampler, request.schedule, dict(pipe.scheduler.config),
                                                  seed=seeds[0], table=request.additions.samplers)
-        return pipe(image=latents, denoising_start=switch, num_inference_steps=request.steps,
-                    prompt=[extract_extra_networks(positive)[0] for positive, _ in pairs],
-                    negative_prompt=[extract_extra_networks(negative)[0] for _, negative in pairs],
-                    guidance_scale=request.cfg_scale,
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                    output_type="latent", callback_on_step_end=callback,
-                    callback_on_step_end_tensor_inputs=["latents"]).images
+        # the cache is keyed by text encoder, so the refiner's CLIP-G never gets the base's tensors
+        conditioning = build_conditioning(pipe, [p for p, _ in pairs], [n for _, n in pairs], steps=request.steps,
+                                          clip_skip=request.clip_skip, emphasis=request.emphasis,
+                                          sdxl_clip_l_skip=sdxl_clip_l_skip, cache=encodings, first_step=first_step)
+        conditioning.install(pipe)  # AND wraps the refiner's UNet for this pass only
+
+        def on_step_end(pipe_, step, timestep, tensors):
+            return {**(callback(pipe_, step, timestep, tensors) or {}), **conditioning.callback_outputs(pipe_, step)}
+
+        try:
+            return pipe(image=latents, denoising_start=switch, num_inference_steps=request.steps,
+                        **conditioning.pipeline_kwargs(), guidance_scale=request.cfg_scale,
+                        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                        output_type="latent", callback_on_step_end=on_step_end,
+                        callback_on_step_end_tensor_inputs=["latents", *conditioning.tensor_inputs]).images
+        finally:
+            conditioning.finish()
+
+
+def _first_refiner_step(base_pipe: Any, steps: int) -> int:
+    """The 1-based step the refiner starts at: the base's model calls over the full schedule's
+    (so second-order samplers count too)."""
+    full = len(base_pipe.scheduler.timesteps) or 1
+    return min(steps, int(base_pipe.num_timesteps * steps / full) + 1)
 
 
 def infotext_params(manager: Any, request: Any) -> dict[str, Any]:

@@ -41,7 +41,7 @@ class EncodingCache:
     def get(self, stack: EncoderStack, text: str, clip_skip: int, emphasis: str,
             sdxl_clip_l_skip: bool) -> Encoded:
         key = (tuple(id(e) for e in stack.text_encoders), tuple(id(t) for t in stack.tokenizers),
-               clip_skip, emphasis, sdxl_clip_l_skip and stack.sdxl, text)
+               clip_skip, emphasis, sdxl_clip_l_skip and stack.has_clip_l, text)
         if key not in self._entries:
             self._entries[key] = stack, encode_prompt(stack, text, clip_skip, emphasis,
                                                       sdxl_clip_l_skip=sdxl_clip_l_skip)
@@ -66,6 +66,7 @@ class PromptConditioning:
     _current_step: int = 1
     _finished: bool = False
     pipe_id: int | None = None  # the pipeline these tensors fit; others (a refiner) get nothing
+    first_step: int = 1  # the first step this pass samples: a refiner continues the base's schedule
     _wrapper: object = None  # the ComposableUNet while AND is in use
     _pipe: object = None
 
@@ -74,6 +75,7 @@ class PromptConditioning:
             self.parts = [[(s, 1.0)] for s in self.positive]
         texts = {t for s in self._all_schedules() for _, t in s}
         self._chunks = max(self._encoded(text).chunks for text in sorted(texts))
+        self._current_step = self.first_step
 
     # --- what generate.py uses -------------------------------------------------------------
 
@@ -94,7 +96,7 @@ class PromptConditioning:
             raise ValueError("AND (composable diffusion) cannot be combined with ControlNet or T2I-Adapter "
                              "units: remove AND from the prompt or disable the units")
         self._wrapper, self._pipe = composable.install(pipe), pipe
-        self._wrapper.set_parts(*self._part_tensors(1))
+        self._wrapper.set_parts(*self._part_tensors(self.first_step))
 
     @property
     def tensor_inputs(self) -> list[str]:
@@ -103,8 +105,10 @@ class PromptConditioning:
             return []
         return ["prompt_embeds", "add_text_embeds"] if self.stack.sdxl else ["prompt_embeds"]
 
-    def pipeline_kwargs(self, step: int = 1) -> dict:
-        """Keyword arguments for the pipeline call: the conditioning of 1-based `step`."""
+    def pipeline_kwargs(self, step: int | None = None) -> dict:
+        """Keyword arguments for the pipeline call: the conditioning of 1-based `step` (default:
+        the pass's first step)."""
+        step = self.first_step if step is None else step
         pos, neg = self._batch(self.positive, step, negative=False), self._batch(self.negative, step, negative=True)
         kwargs = {"prompt_embeds": pos.embeds, "negative_prompt_embeds": neg.embeds}
         if self.stack.sdxl:
@@ -118,9 +122,14 @@ class PromptConditioning:
         if not self.changes_during_sampling or self._finished or (self.pipe_id not in (None, id(pipe))):
             return {}
         total = getattr(pipe, "num_timesteps", None) or self.steps
+        end = getattr(pipe, "denoising_end", None)
+        if isinstance(end, float) and 0 < end < 1:
+            # the base of a refiner hand-over samples only the head of the full schedule
+            total = len(pipe.scheduler.timesteps)
         # the next model call is `step_index + 1`; samplers with more calls than steps (second
-        # order) map their calls onto the schedule's steps proportionally
-        next_step = min(self.steps, math.floor((step_index + 1) * self.steps / total) + 1)
+        # order) map their calls onto the steps from `first_step` on proportionally
+        span = self.steps - self.first_step + 1
+        next_step = min(self.steps, self.first_step + math.floor((step_index + 1) * span / total))
         if self._texts_at(next_step) == self._texts_at(self._current_step):
             return {}
         self._current_step = next_step
@@ -195,10 +204,10 @@ class PromptConditioning:
 
 def build_conditioning(pipe, prompts: list[str], negative_prompts: list[str], steps: int,
                        clip_skip: int = 1, emphasis: str = "Original", sdxl_clip_l_skip: bool = False,
-                       cache: EncodingCache | None = None) -> PromptConditioning:
+                       cache: EncodingCache | None = None, first_step: int = 1) -> PromptConditioning:
     """Parse (extra-network tags removed, AND checked, editing scheduled) and encode the prompts
-    of one batch for `steps` sampling steps. Pass one `cache` to every batch of a request so a
-    text the batches share is encoded once."""
+    of one batch for `steps` sampling steps, of which this pass samples `first_step` to the end.
+    Pass one `cache` to every batch of a request so a text the batches share is encoded once."""
     if len(prompts) != len(negative_prompts):
         raise ValueError("each image needs one prompt and one negative prompt")
 
@@ -211,4 +220,5 @@ def build_conditioning(pipe, prompts: list[str], negative_prompts: list[str], st
     return PromptConditioning(stack=EncoderStack.from_pipe(pipe), positive=[p[0][0] for p in parts], parts=parts,
                               negative=[schedule(n) for n in negative_prompts], steps=max(1, steps),
                               clip_skip=clip_skip, emphasis=emphasis, sdxl_clip_l_skip=sdxl_clip_l_skip,
-                              cache=cache if cache is not None else EncodingCache(), pipe_id=id(pipe))
+                              cache=cache if cache is not None else EncodingCache(), pipe_id=id(pipe),
+                              first_step=max(1, min(first_step, max(1, steps))))

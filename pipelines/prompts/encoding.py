@@ -137,15 +137,19 @@ def _chunk_ids(tokenizer, chunk: Chunk) -> tuple[list[int], list[float]]:
 
 @dataclass(frozen=True)
 class EncoderStack:
-    """The pipeline's (tokenizer, text encoder) pairs; `sdxl` = two encoders + pooled output."""
+    """The pipeline's (tokenizer, text encoder) pairs. `sdxl`: the SDXL family (penultimate
+    layer, pooled output of the last encoder): CLIP-L + OpenCLIP-G for a base model, OpenCLIP-G
+    alone for the refiner."""
     tokenizers: tuple
     text_encoders: tuple
     convert: object = None  # pipe.maybe_convert_prompt when the pipe has it
     force_zeros_for_empty_negative: bool = False
+    sdxl: bool = False
 
     @property
-    def sdxl(self) -> bool:
-        return len(self.text_encoders) == 2
+    def has_clip_l(self) -> bool:
+        """SDXL's first encoder is CLIP-L only when there are two (the refiner has just CLIP-G)."""
+        return self.sdxl and len(self.text_encoders) == 2
 
     @classmethod
     def from_pipe(cls, pipe) -> "EncoderStack":
@@ -155,9 +159,12 @@ class EncoderStack:
         if not pairs:
             raise ValueError("this pipeline has no text encoder: prompts cannot be encoded")
         config = getattr(pipe, "config", {}) or {}
+        # SDXL family = it has the OpenCLIP-G pair (a refiner has no CLIP-L pair at all)
+        sdxl = getattr(pipe, "text_encoder_2", None) is not None
         return cls(tokenizers=tuple(t for t, _ in pairs), text_encoders=tuple(e for _, e in pairs),
                    convert=getattr(pipe, "maybe_convert_prompt", None),
-                   force_zeros_for_empty_negative=len(pairs) == 2 and bool(config.get("force_zeros_for_empty_prompt", False)))
+                   force_zeros_for_empty_negative=sdxl and bool(config.get("force_zeros_for_empty_prompt", False)),
+                   sdxl=sdxl)
 
 
 def _check(clip_skip: int, emphasis: str) -> None:
@@ -185,8 +192,9 @@ def encode_prompt(stack: EncoderStack, text: str, clip_skip: int = 1, emphasis: 
         ids = torch.tensor([r[0] for r in rows], device=encoder.device)
         weights = torch.tensor([r[1] for r in rows], device=encoder.device)
         output = encoder(ids, output_hidden_states=True)
-        z = _select_layer(encoder, output, clip_skip, stack.sdxl, clip_l=index == 0 and sdxl_clip_l_skip)
-        if stack.sdxl and index == 1:
+        z = _select_layer(encoder, output, clip_skip, stack.sdxl,
+                          clip_l=index == 0 and stack.has_clip_l and sdxl_clip_l_skip)
+        if stack.sdxl and index == len(stack.text_encoders) - 1:  # OpenCLIP-G gives the pooled vector
             pooled = output[0][:1]  # A1111: the pooled vector of the first chunk
         hidden.append(_apply_weights(z, weights, emphasis))
     z = torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0]

@@ -217,3 +217,18 @@ def test_model_upscaler_at_denoise_zero_is_the_model_upscaled_first_pass(engine)
     assert image.size == (128, 128)
     assert image.tobytes() == expected.tobytes()
     assert image.tobytes() != plain.resize((128, 128), Image.LANCZOS).tobytes()  # the model did the upscale
+
+
+def test_hires_pass_uses_the_requests_emphasis(engine):
+    """The hires pass encodes with the request's emphasis mode, as the first pass does. The first
+    pass has no weights here (both modes give it the same tensors), so a difference can only come
+    from the hires pass; with all weights 1.0 the two modes are the same encoding, pixel for pixel."""
+    def hires_image(hr_prompt, emphasis):
+        request = tinyworld(prompt="a red circle", hr_prompt=hr_prompt, emphasis=emphasis, **HIRES)
+        return np.asarray(generate(engine, None, request).images[0], float)
+
+    weighted_no_norm = hires_image("a (red:1.6) circle", "No norm")
+    weighted_original = hires_image("a (red:1.6) circle", "Original")
+    # tiny-world's encoder moves little under mean restoration (mean |diff| ~0.01): exact inequality
+    assert not np.array_equal(weighted_no_norm, weighted_original)
+    assert np.array_equal(hires_image("a (red:1.0) circle", "No norm"), hires_image("a (red:1.0) circle", "Original"))

@@ -100,15 +100,34 @@ def test_emphasis_original_restores_mean_and_no_norm_does_not(biased_sd_pipe):
     assert torch.allclose(no_norm[0, 0], plain[0, 0])
 
 
-def test_long_prompt_makes_three_chunks_with_comma_backoff(sd_pipe):
-    words = ", ".join(f"word{i}" for i in range(50))  # ~4 tokens per item: ~200 tokens
-    chunks, count = tokenize_chunks(sd_pipe.tokenizer, words)
-    assert 151 <= count <= 225 and len(chunks) == 3
-    comma = sd_pipe.tokenizer.convert_tokens_to_ids(",</w>")
-    assert chunks[0].tokens[-1] == comma  # the chunk was cut after a comma, not mid-item
-    assert _encode(sd_pipe, words).embeds.shape == (1, 3 * 77, 64)
-    assert count_tokens(sd_pipe.tokenizer, "a cat") == (2, 75)
-    assert count_tokens(sd_pipe.tokenizer, words)[1] == 225
+def test_a_200_token_prompt_makes_exactly_three_chunks_and_samples(sd_pipe):
+    """67 x "red circle" joined by ", " is 67*2 + 66 = 200 tokens; each 75-token chunk ends on a
+    comma (25 items), so A1111's packing gives chunks of 75, 75 and 50 tokens, all sampled."""
+    items = ["red circle"] * 67
+    words = ", ".join(items)
+    tokenizer = sd_pipe.tokenizer
+    assert len(tokenizer(words, add_special_tokens=False)["input_ids"]) == 200
+    chunks, count = tokenize_chunks(tokenizer, words)
+    assert count == 200 and [len(c.tokens) for c in chunks] == [75, 75, 50]
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    assert chunks[0].tokens[-1] == chunks[1].tokens[-1] == comma  # cut after a comma, not mid-item
+    assert count_tokens(tokenizer, "a cat") == (2, 75)
+    assert count_tokens(tokenizer, words) == (200, 225)
+
+    def sample(prompt):
+        cond = build_conditioning(sd_pipe, [prompt], ["ugly"], steps=2)
+        kwargs = cond.pipeline_kwargs()
+        latents = sd_pipe(**kwargs, num_inference_steps=2, guidance_scale=5, width=32, height=32,
+                          output_type="latent", generator=torch.Generator().manual_seed(1)).images
+        return kwargs, latents
+
+    kwargs, latents = sample(words)
+    # three 77-token chunks; the one-chunk negative prompt padded with empty chunks to match
+    assert kwargs["prompt_embeds"].shape == kwargs["negative_prompt_embeds"].shape == (1, 3 * 77, 64)
+    assert torch.equal(kwargs["prompt_embeds"][:, 154:], _encode(sd_pipe, ", ".join(items[50:])).embeds)
+    assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
+    _, first_two_chunks = sample(", ".join(items[:50]))  # 149 tokens: the third chunk dropped
+    assert not torch.equal(latents, first_two_chunks)  # the third chunk reached the UNet
 
 
 def test_no_comma_within_twenty_tokens_is_a_hard_cut_at_75(sd_pipe):

@@ -68,6 +68,18 @@ def test_random_wildcards_follow_the_seed(wildcards):
     assert wildcards.resolve("plain (x:1.2) [a:b:3] <lora:l:1>", [1, 2]) == ["plain (x:1.2) [a:b:3] <lora:l:1>"] * 2
 
 
+def test_a1111_syntax_passes_through_dynamicprompts_intact(wildcards):
+    """`{a|a}` makes the prompt go through dynamicprompts (a plain prompt is returned before it);
+    A1111's weights, editing, alternation `[d|e]` (not a variant: only `{}` is) and extra-network
+    tags come out as written, in both modes."""
+    template = "{a|a} (x:1.2) [b:c:3] [d|e] <lora:l:1>"
+    expected = "a (x:1.2) [b:c:3] [d|e] <lora:l:1>"
+    assert wildcards.resolve(template, [1, 2]) == [expected] * 2
+    assert wildcards.resolve(template, [0, 0], "combinatorial") == [expected] * 2
+    assert wildcards.resolve("__colour__ \\(lit\\) [d|e|f] a AND b :0.5 BREAK c", [5])[0].endswith(
+        " \\(lit\\) [d|e|f] a AND b :0.5 BREAK c")
+
+
 def test_combinatorial_over_the_batch(wildcards):
     assert wildcards.resolve("{a|b} __sub/shape__", [0] * 5, "combinatorial") == [
         "a circle", "a square", "b circle", "b square", "a circle"]
