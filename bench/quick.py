@@ -31,10 +31,12 @@ def run(repeats: int, switches: int, steps: int) -> dict:
     end = time.perf_counter()
     return {"bench": "quick",
             "overhead": {key: value for key, value in over.items() if key != "env"},
-            "overhead_target_met": over["ratio_no_preview"] <= 1.03,
+            # the target is for the engine as users run it (previews on); previews off separately
+            "overhead_target_met": over["ratio"] <= 1.03,
+            "overhead_target_met_without_previews": over["ratio_no_preview"] <= 1.03,
             "switching": {key: value for key, value in switch.items() if key != "env"},
             "seconds": {"overhead": round(middle - start, 1), "switching": round(end - middle, 1),
-                        "total": round(end - start, 1)},
+                        "total": round(end - start, 1), "under_5_minutes": end - start < 300},
             "env": environment()}
 
 

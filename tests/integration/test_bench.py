@@ -22,11 +22,15 @@ def test_quick_bench_prints_the_overhead_ratio_and_the_switching_memory_growth(t
     assert overhead["ratio"] == pytest.approx(overhead["easel_s"] / overhead["plain_s"], rel=2e-3) and overhead["ratio"] > 0
     assert overhead["same_timesteps"] is True  # both sides sample A1111's Euler timesteps
     assert overhead["max_prompt_embedding_diff"] < 1e-4
-    assert isinstance(result["overhead_target_met"], bool)
+    # the flags say what the ratios say: with previews (as users run it) and without
+    assert result["overhead_target_met"] == (overhead["ratio"] <= 1.03)
+    assert result["overhead_target_met_without_previews"] == (overhead["ratio_no_preview"] <= 1.03)
     assert len(switching["rss_mb"]) == 2  # sampled every 10 switches
     assert switching["rss_growth_mb"] == round(switching["rss_mb"][-1] - switching["rss_mb"][0], 1)
     assert switching["disk_loads_during_switches"] == 0
-    assert set(result["seconds"]) == {"overhead", "switching", "total"}
+    seconds = result["seconds"]
+    assert set(seconds) == {"overhead", "switching", "total", "under_5_minutes"}
+    assert seconds["under_5_minutes"] == (seconds["total"] < 300)
 
 
 def test_full_size_sdxl_factory_writes_a_single_file_the_loader_reads(tmp_path):
