@@ -37,6 +37,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_server(process: subprocess.Popen) -> None:
+    """Terminate a server started by a fixture; kill it if it does not stop in 20 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 def wait_until_serving(server: Server, path: str = "/", ready=(200,)) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -81,12 +91,7 @@ def server(tmp_path_factory):
         wait_until_serving(running, "/openapi.json", ready=(401,))  # the REST API mounts just after launch
         yield running
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_server(process)
 
 
 @pytest.fixture(scope="session")

@@ -324,7 +324,7 @@ def login_server(server, tmp_path_factory):
     import subprocess
     import sys
 
-    from tests.e2e.conftest import REPO_ROOT, Server, free_port, wait_until_serving
+    from tests.e2e.conftest import REPO_ROOT, Server, free_port, stop_server, wait_until_serving
 
     data_dir = tmp_path_factory.mktemp("login-data")
     port = free_port()
@@ -342,12 +342,7 @@ def login_server(server, tmp_path_factory):
         wait_until_serving(running, "/openapi.json", ready=(401,))  # the REST API mounts just after launch
         yield running
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_server(process)
 
 
 def wait_for(check, what: str, timeout: float = 120):

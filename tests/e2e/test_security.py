@@ -30,7 +30,7 @@ import requests
 from pipelines.access import hash_password
 from pipelines.metadata import read_infotext
 from tests import factories
-from tests.e2e.conftest import REPO_ROOT, Server, free_port, wait_until_serving
+from tests.e2e.conftest import REPO_ROOT, Server, free_port, stop_server, wait_until_serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -116,12 +116,7 @@ def shared_server(tmp_path_factory):
         wait_until_serving(server)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_server(process)
 
 
 def connect(server, user: str):
