@@ -1,5 +1,6 @@
 """Per-request conditioning for a diffusers pipeline: every prompt of a batch parsed once,
-its editing/alternation schedule computed once, each distinct text encoded once, and the
+its editing/alternation schedule computed once, each schedule's texts encoded once (together,
+as A1111 does: see EncodingCache), and the
 tensors handed to diffusers as `prompt_embeds` / `negative_prompt_embeds` (+ pooled for SDXL).
 When the schedule changes the conditioning, `callback_outputs` returns the new tensors from
 `callback_on_step_end`, which diffusers uses for the following steps.
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipelines.prompts import composable
-from pipelines.prompts.encoding import Encoded, EncoderStack, encode_prompt
+from pipelines.prompts.encoding import Encoded, EncoderStack, encode_prompts
 from pipelines.prompts.extra_networks import extract_extra_networks
 from pipelines.prompts.parser import prompt_schedule, split_and, text_at_step
 
@@ -33,19 +34,25 @@ Schedule = list[tuple[int, str]]
 class EncodingCache:
     """Encoded prompts kept for the length of one request (every batch of it). Keyed by the
     text encoder and every encoding option too, so a pass with other encoders (hires with
-    another checkpoint, a refiner) or other options can never get another pass's tensors."""
+    another checkpoint, a refiner) or other options can never get another pass's tensors.
+
+    A text is encoded together with the other texts of its editing schedule (`group`, in
+    schedule order): with "Original" emphasis A1111 restores the mean over all of them, so the
+    same text in another schedule may encode differently and is cached apart."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple, tuple[EncoderStack, Encoded]] = {}  # the stack keeps its ids alive
 
     def get(self, stack: EncoderStack, text: str, clip_skip: int, emphasis: str,
-            sdxl_clip_l_skip: bool) -> Encoded:
-        key = (tuple(id(e) for e in stack.text_encoders), tuple(id(t) for t in stack.tokenizers),
-               clip_skip, emphasis, sdxl_clip_l_skip and stack.has_clip_l, text)
-        if key not in self._entries:
-            self._entries[key] = stack, encode_prompt(stack, text, clip_skip, emphasis,
-                                                      sdxl_clip_l_skip=sdxl_clip_l_skip)
-        return self._entries[key][1]
+            sdxl_clip_l_skip: bool, group: tuple[str, ...] | None = None) -> Encoded:
+        group = group if group is not None and len(group) > 1 else (text,)
+        options = (tuple(id(e) for e in stack.text_encoders), tuple(id(t) for t in stack.tokenizers),
+                   clip_skip, emphasis, sdxl_clip_l_skip and stack.has_clip_l, group)
+        if options + (text,) not in self._entries:
+            encoded = encode_prompts(stack, list(group), clip_skip, emphasis, sdxl_clip_l_skip=sdxl_clip_l_skip)
+            for member, value in zip(group, encoded):
+                self._entries.setdefault(options + (member,), (stack, value))
+        return self._entries[options + (text,)][1]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -73,8 +80,7 @@ class PromptConditioning:
     def __post_init__(self) -> None:
         if not self.parts:
             self.parts = [[(s, 1.0)] for s in self.positive]
-        texts = {t for s in self._all_schedules() for _, t in s}
-        self._chunks = max(self._encoded(text).chunks for text in sorted(texts))
+        self._chunks = max(self._encoded(text, s).chunks for s in self._all_schedules() for _, text in s)
         self._current_step = self.first_step
 
     # --- what generate.py uses -------------------------------------------------------------
@@ -171,7 +177,7 @@ class PromptConditioning:
         embeds, pooled, weights = [], [], []
         for parts in self.parts:
             padded = parts + [(parts[0][0], 0.0)] * (count - len(parts))
-            encoded = [self._encoded(text_at_step(s, step)) for s, _ in padded]
+            encoded = [self._encoded(text_at_step(s, step), s) for s, _ in padded]
             embeds.append(torch.cat([self._padded(e) for e in encoded]))
             if self.stack.sdxl:
                 pooled.append(torch.cat([e.pooled for e in encoded]))
@@ -179,8 +185,9 @@ class PromptConditioning:
         return (torch.stack(embeds), torch.stack(pooled) if self.stack.sdxl else None,
                 torch.tensor(weights, dtype=torch.float32))
 
-    def _encoded(self, text: str) -> Encoded:
-        return self.cache.get(self.stack, text, self.clip_skip, self.emphasis, self.sdxl_clip_l_skip)
+    def _encoded(self, text: str, schedule: Schedule | None = None) -> Encoded:
+        group = tuple(t for _, t in schedule) if schedule else None
+        return self.cache.get(self.stack, text, self.clip_skip, self.emphasis, self.sdxl_clip_l_skip, group)
 
     def _padded(self, encoded: Encoded) -> torch.Tensor:
         missing = self._chunks - encoded.chunks
@@ -190,7 +197,7 @@ class PromptConditioning:
         return torch.cat([encoded.embeds] + [empty] * missing, dim=1)
 
     def _batch(self, schedules: list[Schedule], step: int, negative: bool) -> Encoded:
-        rows = [self._encoded(text_at_step(s, step)) for s in schedules]
+        rows = [self._encoded(text_at_step(s, step), s) for s in schedules]
         embeds = torch.cat([self._padded(r) for r in rows])
         pooled = torch.cat([r.pooled for r in rows]) if self.stack.sdxl else None
         if negative and self.stack.force_zeros_for_empty_negative:

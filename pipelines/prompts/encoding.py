@@ -182,25 +182,38 @@ def encode_prompt(stack: EncoderStack, text: str, clip_skip: int = 1, emphasis: 
     SDXL follows A1111: clip skip is ignored (both encoders give their penultimate layer)
     unless `sdxl_clip_l_skip` (A1111's "Clip skip SDXL" option), which applies it to CLIP-L
     only, as hidden state N from the end without the final norm; CLIP-G stays penultimate."""
+    return encode_prompts(stack, [text], clip_skip, emphasis, sdxl_clip_l_skip)[0]
+
+
+@torch.no_grad()
+def encode_prompts(stack: EncoderStack, texts: list[str], clip_skip: int = 1, emphasis: str = "Original",
+                   sdxl_clip_l_skip: bool = False) -> list[Encoded]:
+    """Encode the texts of one prompt's editing schedule together, as A1111 does: all get the
+    chunk count of the longest (empty chunks appended), and "Original" emphasis restores the
+    mean of each chunk position over all of them at once, so one text's weights scale the
+    others too. `encode_prompt` is the one-text case."""
     _check(clip_skip, emphasis)
-    per_encoder = [tokenize_chunks(tok, text, stack.convert)[0] for tok in stack.tokenizers]
-    chunk_count = max(len(c) for c in per_encoder)
+    per_encoder = [[tokenize_chunks(tok, text, stack.convert)[0] for text in texts] for tok in stack.tokenizers]
+    chunk_count = max(len(c) for chunks_of_texts in per_encoder for c in chunks_of_texts)
     hidden, pooled = [], None
-    for index, (tokenizer, encoder, chunks) in enumerate(zip(stack.tokenizers, stack.text_encoders, per_encoder)):
-        chunks = chunks + [Chunk()] * (chunk_count - len(chunks))  # TI vectors can differ per encoder
-        rows = [_chunk_ids(tokenizer, c) for c in chunks]
+    for index, (tokenizer, encoder, chunks_of_texts) in enumerate(zip(stack.tokenizers, stack.text_encoders,
+                                                                       per_encoder)):
+        # TI vectors can differ per encoder, and texts differ in length: pad all to one count
+        rows = [_chunk_ids(tokenizer, c) for chunks in chunks_of_texts
+                for c in chunks + [Chunk()] * (chunk_count - len(chunks))]
         ids = torch.tensor([r[0] for r in rows], device=encoder.device)
         weights = torch.tensor([r[1] for r in rows], device=encoder.device)
         output = encoder(ids, output_hidden_states=True)
         z = _select_layer(encoder, output, clip_skip, stack.sdxl,
                           clip_l=index == 0 and stack.has_clip_l and sdxl_clip_l_skip)
         if stack.sdxl and index == len(stack.text_encoders) - 1:  # OpenCLIP-G gives the pooled vector
-            pooled = output[0][:1]  # A1111: the pooled vector of the first chunk
-        hidden.append(_apply_weights(z, weights, emphasis))
+            pooled = output[0][::chunk_count]  # A1111: the pooled vector of each text's first chunk
+        z = z.reshape(len(texts), chunk_count, *z.shape[1:])
+        hidden.append(_apply_weights(z, weights.reshape(z.shape[:3]), emphasis))
     z = torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0]
     dtype = stack.text_encoders[0].dtype
-    embeds = z.reshape(1, -1, z.shape[-1]).to(dtype)
-    return Encoded(embeds=embeds, pooled=pooled.to(dtype) if pooled is not None else None)
+    return [Encoded(embeds=z[k].reshape(1, -1, z.shape[-1]).to(dtype),
+                    pooled=pooled[k:k + 1].to(dtype) if pooled is not None else None) for k in range(len(texts))]
 
 
 def _select_layer(encoder, output, clip_skip: int, sdxl: bool, clip_l: bool = False) -> torch.Tensor:
@@ -218,12 +231,15 @@ def _select_layer(encoder, output, clip_skip: int, sdxl: bool, clip_l: bool = Fa
 
 
 def _apply_weights(z: torch.Tensor, weights: torch.Tensor, emphasis: str) -> torch.Tensor:
+    """z [texts, chunks, 77, D], weights [texts, chunks, 77]. "Original": each chunk position's
+    mean over all texts is restored after weighting (A1111's z.mean() over one chunk batch)."""
     if bool((weights == 1.0).all()):
         return z  # nothing to weight: bit-identical to the unweighted encoding
     weights = weights.to(z.dtype)
     if emphasis == "No norm":
         return z * weights[..., None]
-    original = z.float().mean(dim=(1, 2), keepdim=True)
+    dims = (0, 2, 3) if z.shape[0] > 1 else (2, 3)
+    original = z.float().mean(dim=dims, keepdim=True)
     weighted = z * weights[..., None]
-    restored = weighted.float() * (original / weighted.float().mean(dim=(1, 2), keepdim=True))
+    restored = weighted.float() * (original / weighted.float().mean(dim=dims, keepdim=True))
     return restored.to(z.dtype)

@@ -100,6 +100,32 @@ def test_emphasis_original_restores_mean_and_no_norm_does_not(biased_sd_pipe):
     assert torch.allclose(no_norm[0, 0], plain[0, 0])
 
 
+def test_original_emphasis_restores_the_mean_over_the_whole_editing_schedule(biased_sd_pipe):
+    """A1111 encodes a prompt's schedule texts as one batch and restores z.mean() over that
+    batch, so "(red:1.6)" in the first text scales the second one too."""
+    pipe = biased_sd_pipe
+    first_text, second_text = "a (red:1.6) ball", "a blue ball"
+    cond = build_conditioning(pipe, [f"[{first_text}:{second_text}:0.5]"], [""], steps=4)
+    first, second = cond.pipeline_kwargs(1)["prompt_embeds"], cond.pipeline_kwargs(4)["prompt_embeds"]
+    # by hand: both texts through the encoder at once, weighted, one mean restored over both
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(["a red ball", second_text], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    weights = torch.ones(2, 77)
+    weights[0, ids[0].tolist().index(tokenizer.convert_tokens_to_ids("red</w>"))] = 1.6
+    with torch.no_grad():
+        z = pipe.text_encoder(ids).last_hidden_state
+    weighted = z * weights[..., None]
+    expected = weighted * (z.mean() / weighted.mean())
+    assert torch.allclose(first[0], expected[0], atol=1e-6) and torch.allclose(second[0], expected[1], atol=1e-6)
+    # ...which is not what each text encoded alone gives: the unweighted text is scaled too
+    assert not torch.allclose(second, _encode(pipe, second_text).embeds, atol=1e-6)
+    assert torch.allclose(first, _encode(pipe, first_text).embeds * (z.mean() / weighted.mean())
+                          / (z[0].mean() / weighted[0].mean()), atol=1e-6)
+    # without weights the schedule's texts encode exactly as alone
+    plain = build_conditioning(pipe, [f"[a red ball:{second_text}:0.5]"], [""], steps=4)
+    assert torch.equal(plain.pipeline_kwargs(4)["prompt_embeds"], _encode(pipe, second_text).embeds)
+
+
 def test_a_200_token_prompt_makes_exactly_three_chunks_and_samples(sd_pipe):
     """67 x "red circle" joined by ", " is 67*2 + 66 = 200 tokens; each 75-token chunk ends on a
     comma (25 items), so A1111's packing gives chunks of 75, 75 and 50 tokens, all sampled."""
@@ -393,13 +419,13 @@ def test_each_text_is_encoded_once_per_request_not_once_per_batch(engine, monkey
 
     manager, source = engine
     encoded = []
-    real = conditioning.encode_prompt
+    real = conditioning.encode_prompts
 
-    def counting(stack, text, *args, **kwargs):
-        encoded.append(text)
-        return real(stack, text, *args, **kwargs)
+    def counting(stack, texts, *args, **kwargs):
+        encoded.extend(texts)
+        return real(stack, texts, *args, **kwargs)
 
-    monkeypatch.setattr(conditioning, "encode_prompt", counting)
+    monkeypatch.setattr(conditioning, "encode_prompts", counting)
     two = _generate(manager, source, prompt="a red fox", negative_prompt="blurry", batch_count=2, steps=1)
     assert sorted(encoded) == ["a red fox", "blurry"]  # was 4: both texts again for the second batch
     encoded.clear()
