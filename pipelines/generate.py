@@ -223,7 +223,8 @@ def _step_callback(active: ActivePipeline, request: GenerationRequest, batch_ind
     def on_step_end(pipe, step: int, _timestep, tensors: dict) -> dict:
         total = getattr(pipe, "num_timesteps", None) or request.steps
         preview = None
-        if (step + 1) % PREVIEW_EVERY == 0 and "latents" in tensors \
+        # none after the last step: the decoded image follows at once
+        if (step + 1) % PREVIEW_EVERY == 0 and step + 1 < total and "latents" in tensors \
                 and time.monotonic() - last_preview[0] >= PREVIEW_MIN_INTERVAL_S:
             preview = latent_preview(pipe.vae, tensors["latents"][0], sdxl=active.arch.is_sdxl)
             last_preview[0] = time.monotonic()

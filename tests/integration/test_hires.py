@@ -187,6 +187,22 @@ def test_hires_steps_are_the_steps_sampled(engine, steps, strength):
     assert len(events) == 1 + steps
 
 
+def test_no_live_preview_after_the_last_step_of_a_pass(engine, monkeypatch):
+    """Previews every 2 steps, but none after a pass's last step (its image is decoded next):
+    4 first-pass steps preview at step 2 only; a 3-step hires pass adds step 2 of its own."""
+    import pipelines.generate as generate_module
+
+    monkeypatch.setattr(generate_module, "PREVIEW_MIN_INTERVAL_S", 0.0)  # no throttle: every due preview
+    events = []
+    generate(engine, None, tinyworld(steps=4), progress=events.append)
+    assert [e.step for e in events if e.preview is not None] == [2]
+    assert events[-1].step == 4 and events[-1].preview is None
+    events.clear()
+    generate(engine, None, tinyworld(steps=4, enable_hr=True, hr_upscaler="Nearest", hr_scale=1.5,
+                                     denoising_strength=0.5, hr_second_pass_steps=3), progress=events.append)
+    assert [(e.total_steps, e.step) for e in events if e.preview is not None] == [(4, 2), (3, 2)]
+
+
 def test_img2img_total_steps_lands_on_the_requested_steps():
     for steps in range(1, 80):
         for strength in [i / 100 for i in range(1, 101)]:

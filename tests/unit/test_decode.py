@@ -53,3 +53,15 @@ def test_previews_have_the_latent_size_or_decode_small_latents():
     small = torch.randn(4, 4, 4)
     assert latent_preview(vae, small).size == (32, 32)  # decoded for real: 8x the latent
     assert latent_preview(vae, big).size == (48, 40)
+
+
+def test_a_full_size_vae_previews_even_small_latents_linearly():
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):  # SD's VAE architecture (84M parameters), no memory needed
+        full = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    latent = torch.randn(4, 32, 32)
+    # the linear map's output: latent-sized, equal to linear_preview (a real decode would be 256 px)
+    assert np.array_equal(np.asarray(latent_preview(full, latent)), np.asarray(linear_preview(latent)))
+    assert latent_preview(HalfOverflowVAE(), latent).size == (256, 256)  # a small VAE still decodes
