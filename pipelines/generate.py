@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from pipelines import faults, hires, imageops, memory, refiner, samplers
+from pipelines import faults, hires, imageops, memory, refiner, samplers, tiling
 from pipelines.adapters import attach as adapters
 from pipelines.control import apply as control
 from pipelines.hooks import NO_HOOKS, GenerationHooks, StepInfo
@@ -57,7 +57,8 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
     with manager.pipeline(request.task, request.checkpoint, request.vae, loras=wishes.loras) as active, \
             control.attach(manager, active, request) as (active, control_kwargs), \
             adapters.attach(manager, active, request, wishes) as adapter_params, \
-            memory.vae_tiling(active.pipe.vae, manager.memory.wants_vae_tiling(*memory.final_size(request))):
+            memory.vae_tiling(active.pipe.vae, manager.memory.wants_vae_tiling(*memory.final_size(request))), \
+            tiling.for_pipeline(active.pipe, request.tiling):  # denoising and decode; restored after
         if sum(manager.load_counts.values()) != loads_before:
             hooks.model_loaded(manager.snapshot())
         warnings = adapters.warnings_of(active)
@@ -301,6 +302,8 @@ def _infotext_params(manager: PipelineManager, active: ActivePipeline, request: 
         params["Denoising strength"] = _number(request.denoising_strength)
     if request.clip_skip > 1:  # A1111 writes it only when it is not the default
         params["Clip skip"] = request.clip_skip
+    if request.tiling:
+        params["Tiling"] = True  # A1111 writes it only when on
     if request.emphasis != "Original" and (uses_emphasis(request.prompt) or uses_emphasis(request.negative_prompt)):
         params["Emphasis"] = request.emphasis  # A1111: only a non-default mode that matters
     if request.task == "inpaint":

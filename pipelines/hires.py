@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 from PIL import Image
 
-from pipelines import loading, samplers, upscalers
+from pipelines import loading, samplers, tiling, upscalers
 from pipelines.adapters.lora_stack import requests_of
 from pipelines.refiner import short_title
 
@@ -188,7 +188,8 @@ def _second_pass_pipeline(manager: Any, active: Any, request: Any, latent_mode: 
         return
     loras = requests_of(getattr(active, "loras", []))  # the request's LoRAs apply to both passes (A1111)
     try:
-        with manager.pipeline("img2img", request.hr_checkpoint, request.vae, loras=loras) as hires_active:
+        with manager.pipeline("img2img", request.hr_checkpoint, request.vae, loras=loras) as hires_active, \
+                tiling.for_pipeline(hires_active.pipe, request.tiling):  # another model: tiled as well
             if latent_mode and hires_active.arch.is_sdxl != active.arch.is_sdxl:
                 raise ValueError("a latent hires upscaler needs a hires checkpoint of the same family; "
                                  "choose Lanczos or a model upscaler")

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from pipelines import configs, samplers
+from pipelines import configs, samplers, tiling
 from pipelines.arch import Arch
 from pipelines.cache import module_bytes
 from pipelines.registry import ModelEntry
@@ -110,7 +110,7 @@ def run(manager: Any, active: Any, request: Any, seeds: list[int], common: dict[
     switch = float(request.refiner_switch_at)
     latents = active.pipe(width=request.width, height=request.height, denoising_end=switch, **common).images
     first_step = _first_refiner_step(active.pipe, request.steps)
-    with refiner_pipeline(manager, request.refiner_checkpoint) as pipe:
+    with refiner_pipeline(manager, request.refiner_checkpoint) as pipe, tiling.for_pipeline(pipe, request.tiling):
         pipe.scheduler = samplers.make_scheduler(request.sampler, request.schedule, dict(pipe.scheduler.config),
                                                  seed=seeds[0], table=request.additions.samplers)
         # the cache is keyed by text encoder, so the refiner's CLIP-G never gets the base's tensors

@@ -71,6 +71,7 @@ class GenerationRequest:
     clip_skip: int = 1  # A1111 "Clip skip" 1..12
     emphasis: str = "Original"  # A1111 emphasis mode: "Original" (mean restored) or "No norm"
     wildcard_mode: str = "random"  # "random" or "combinatorial" over the batch
+    tiling: bool = False  # A1111 "Tiling": circular padding in the UNet and VAE, a seamless picture
     # what extensions add (samplers, preprocessors): the app's tables, not data (pipelines/additions.py)
     additions: EngineAdditions | None = field(default=NO_ADDITIONS, compare=False, repr=False)
 
@@ -125,6 +126,8 @@ class GenerationRequest:
             yield f"emphasis must be Original or No norm, got '{self.emphasis}'"
         if self.wildcard_mode not in ("random", "combinatorial"):
             yield f"wildcard mode must be random or combinatorial, got '{self.wildcard_mode}'"
+        if not isinstance(self.tiling, bool):
+            yield f"tiling must be true or false, got {self.tiling!r}"
         if not 0 <= self.inpaint_full_res_padding <= 1024:
             yield f"masked area padding must be between 0 and 1024, got {self.inpaint_full_res_padding}"
         yield from hires.problems(self)

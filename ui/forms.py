@@ -53,8 +53,11 @@ def sampling_controls(reg: ComponentRegistry, tab: str, preset: Preset,
                                                     elem_id=f"{tab}_batch_count"))
             reg.add(f"{tab}.batch_size", gr.Slider(1, 8, value=1, step=1, label="Batch size",
                                                    elem_id=f"{tab}_batch_size"))
-    reg.add(f"{tab}.cfg_scale", gr.Slider(1, 30, value=preset.cfg_scale, step=0.5, label="CFG scale",
-                                          elem_id=f"{tab}_cfg_scale"))
+    with gr.Row(equal_height=True):
+        reg.add(f"{tab}.cfg_scale", gr.Slider(1, 30, value=preset.cfg_scale, step=0.5, label="CFG scale",
+                                              scale=4, elem_id=f"{tab}_cfg_scale"))
+        reg.add(f"{tab}.tiling", gr.Checkbox(False, label="Tiling", scale=1, min_width=100,
+                                             info="seamless: the image wraps around", elem_id=f"{tab}_tiling"))
     with gr.Row(equal_height=True):
         reg.add(f"{tab}.seed", gr.Number(value=-1, precision=0, minimum=-1, maximum=MAX_SEED,
                                          label="Seed (-1: random)", scale=4, elem_id=f"{tab}_seed"))

@@ -93,6 +93,7 @@ def generation_info(request: GenerationRequest, result: GenerationResult) -> dic
         "styles": list(request.styles),
         "clip_skip": request.clip_skip,
         "emphasis": request.emphasis,
+        "tiling": request.tiling,
         "seed": result.seeds[0] if result.seeds else request.seed,
         "seeds": list(result.seeds),
         "infotexts": list(result.infotexts),

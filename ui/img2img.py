@@ -101,7 +101,7 @@ def _wire_generate(ctx: AppContext, reg: ComponentRegistry) -> None:
         layers), mask (white = change; overrides the painted layers), denoising_strength,
         resize_mode ("just resize", "crop and resize", "resize and fill"), mask_blur,
         inpainting_fill ("fill", "original"), inpaint_area ("Whole picture", "Only masked"),
-        inpaint_full_res_padding, inpainting_mask_invert, and the txt2img parameters.
+        inpaint_full_res_padding, inpainting_mask_invert, and the txt2img parameters (tiling included).
         Returns the gallery images and the generation info JSON.
         """
         values.update(init_image=init_image, inpaint_image=inpaint_image, mask=mask)

@@ -12,7 +12,8 @@ from pipelines.request import GenerationRequest
 from ui.control_form import units_from_form
 
 COMMON_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale",
-                 "width", "height", "seed", "batch_count", "batch_size", "styles", "clip_skip", "emphasis", "wildcard_mode")
+                 "width", "height", "seed", "batch_count", "batch_size", "styles", "clip_skip", "emphasis", "wildcard_mode",
+                 "tiling")
 MODEL_FIELDS = ("checkpoint", "vae")
 # hires fix + SDXL refiner (A1111 API names); denoising_strength is the hires pass's here
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
@@ -113,6 +114,7 @@ def _common(values: Mapping[str, Any]) -> dict[str, Any]:
         "clip_skip": _number(values, "clip_skip", int, 1),
         "emphasis": values.get("emphasis") or "Original",
         "wildcard_mode": values.get("wildcard_mode") or "random",
+        "tiling": bool(values.get("tiling")),
         "control_units": units_from_form(values),
         "gligen_model": values.get("gligen_model") or "",
         "gligen_boxes": values.get("gligen_boxes") or (),

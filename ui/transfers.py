@@ -13,15 +13,20 @@ from ui.context import AppContext
 INFOTEXT_KEYS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "steps": "Steps",
                  "sampler": "Sampler", "schedule": "Schedule type", "cfg_scale": "CFG scale",
                  "seed": "Seed", "width": "Size-1", "height": "Size-2", "styles": "Styles array",
-                 "clip_skip": "Clip skip", "emphasis": "Emphasis"}
+                 "clip_skip": "Clip skip", "emphasis": "Emphasis", "tiling": "Tiling"}
 FORM_FIELDS = tuple(INFOTEXT_KEYS)
 _NUMBERS = {"steps": int, "seed": int, "width": int, "height": int, "cfg_scale": float, "clip_skip": int}
+# Flags written only when on (A1111 too): an infotext without one means off, not "keep the form's".
+_FLAGS = ("tiling",)
 
 
 def fields_from_infotext(parsed: Mapping[str, Any]) -> dict[str, Any]:
     """Parsed infotext -> form values; keys that are missing or unreadable are left out."""
     values = {}
     for field, key in INFOTEXT_KEYS.items():
+        if field in _FLAGS:
+            values[field] = parsed.get(key) in (True, "True")
+            continue
         if key not in parsed or parsed[key] in (None, ""):
             continue
         value = parsed[key]

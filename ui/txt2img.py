@@ -44,7 +44,8 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         hr_second_pass_steps, hr_resize_x/y, hr_checkpoint, hr_sampler, hr_prompt, hr_negative_prompt,
         denoising_strength; SDXL refiner: refiner_checkpoint, refiner_switch_at.
         Prompt tools: styles (names from data/styles.csv, applied in order), clip_skip (1..12), emphasis ("Original" or "No norm"),
-        wildcard_mode ("random" or "combinatorial": how {a|b} and __name__ wildcards fill a batch).
+        wildcard_mode ("random" or "combinatorial": how {a|b} and __name__ wildcards fill a batch),
+        tiling (A1111 "Tiling": a seamless image that wraps around).
         Returns the gallery images (PNG files with A1111 infotext) and a JSON object with the
         request, the seeds, the infotexts and the saved paths.
         """

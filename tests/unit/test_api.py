@@ -253,7 +253,6 @@ def test_img2img_without_mask_is_img2img_and_echoes_images_when_asked(client, ct
     # A1111 fields Easel cannot honour: refused rather than silently ignored.
     ("txt2img", {"restore_faces": True}, "restore_faces is not supported yet (Easel has no face restoration); "
                                          "send restore_faces: false"),
-    ("img2img", {"init_images": ["IMAGE"], "tiling": True}, "tiling is not supported yet"),
     ("txt2img", {"subseed_strength": 0.3}, "subseed_strength 0.3: variation seeds are not supported yet; "
                                            "send subseed_strength: 0"),
     ("txt2img", {"enable_hr": True, "hr_scheduler": "Karras"}, "hr_scheduler 'Karras' is not supported: the hires "
@@ -269,6 +268,20 @@ def test_bad_input_is_422_with_a_specific_message(client, ctx, path, body, messa
     assert response.status_code == 422
     assert message in response.json()["detail"] and "\n" not in response.json()["detail"]
     assert ctx.jobs.submitted == []
+
+
+def test_tiling_reaches_the_request(client, ctx):
+    init = b64_png(Image.new("RGB", (64, 64), "blue"))
+    for path, body in (("txt2img", {}), ("img2img", {"init_images": [init]})):
+        response = client.post(f"/sdapi/v1/{path}", json={"width": 64, "height": 64, "tiling": True, **body})
+        assert response.status_code == 200, response.text
+        assert ctx.jobs.submitted[-1][1].tiling is True
+    client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64})
+    assert ctx.jobs.submitted[-1][1].tiling is False
+    # a pasted infotext's Tiling applies too (A1111 apply_infotext)
+    client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64,
+                                           "infotext": "a\nSteps: 2, Seed: 1, Size: 64x64, Tiling: True"})
+    assert ctx.jobs.submitted[-1][1].tiling is True
 
 
 def test_webuiapi_defaults_and_equivalent_values_of_the_refused_fields_pass(client, ctx, monkeypatch):

@@ -25,7 +25,7 @@ PROMPTS_FROM_FILE_PARAMETERS = ["pff_text", "pff_file", "pff_iterate_seed"]
 PREVIEW_PARAMETERS = ["image", "module", "resolution", "pixel_perfect", "resize_mode", "threshold_a", "threshold_b",
                       "width", "height"]
 TXT2IMG_PARAMETERS = ["prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width",
-                      "height", "seed", "batch_count", "batch_size", "styles", "clip_skip", "emphasis", "wildcard_mode", "enable_hr", "hr_scale", "hr_upscaler",
+                      "height", "seed", "batch_count", "batch_size", "styles", "clip_skip", "emphasis", "wildcard_mode", "tiling", "enable_hr", "hr_scale", "hr_upscaler",
                       "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint", "hr_sampler", "hr_prompt",
                       "hr_negative_prompt", "denoising_strength", "refiner_checkpoint", "refiner_switch_at",
                       "checkpoint", "vae"]
@@ -254,7 +254,24 @@ def test_infotext_fields_fill_the_txt2img_form():
     assert values == {"prompt": "a castle on a hill, (masterpiece:1.2)", "negative_prompt": "blurry",
                       "steps": 28, "sampler": "DPM++ 2M", "schedule": "Karras", "cfg_scale": 6.5,
                       "seed": 3141592653, "width": 512, "height": 768,
-                      "clip_skip": 1, "emphasis": "Original"}  # A1111 defaults filled in when pasting
+                      "clip_skip": 1, "emphasis": "Original",  # A1111 defaults filled in when pasting
+                      "tiling": False}  # written only when on: absent means off
+
+
+def test_the_tiling_checkbox_reaches_the_request_and_comes_back_from_an_infotext(built):
+    from ui.generation import generation_info
+    from ui.request_builder import img2img_request, txt2img_request
+    from ui.transfers import fields_from_generation, fields_from_infotext
+
+    _blocks, _ctx, components = built
+    assert all(components[f"{tab}.tiling"].label == "Tiling" for tab in ("txt2img", "img2img"))
+    request = txt2img_request({"width": 64, "height": 64, "tiling": True})
+    assert request.tiling and not txt2img_request({"width": 64, "height": 64}).tiling
+    init = Image.new("RGB", (64, 64))
+    assert img2img_request({"init_image": init, "width": 64, "height": 64, "tiling": True}).tiling
+    result = GenerationResult(images=[init], infotexts=["x"], seeds=[1], paths=[])
+    assert fields_from_generation(generation_info(request, result), 0)["tiling"] is True  # Send to img2img
+    assert fields_from_infotext(parse_infotext(A1111_INFOTEXT + ", Tiling: True"))["tiling"] is True
 
 
 def test_png_info_reads_a_saved_png(tmp_path):

@@ -56,3 +56,10 @@ def test_prompt_fields_round_trip_and_validate():
     for bad in (dict(clip_skip=0), dict(clip_skip=13), dict(styles="Cinematic"), dict(wildcard_mode="x")):
         with pytest.raises(ValueError):
             R(**bad)
+
+
+def test_tiling_is_a_flag_that_round_trips():
+    request = GenerationRequest(prompt="x", tiling=True)
+    assert GenerationRequest.from_dict(request.to_dict()) == request and not GenerationRequest().tiling
+    with pytest.raises(ValueError, match="tiling must be true or false, got 'yes'"):
+        GenerationRequest(tiling="yes")
