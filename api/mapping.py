@@ -21,7 +21,7 @@ RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill"}
 # A1111 request field -> GenerationRequest field, for fields other lanes add (same names).
 _OPTIONAL_FIELDS = ("styles", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
                     "hr_resize_x", "hr_resize_y", "hr_prompt", "hr_negative_prompt",
-                    "refiner_checkpoint", "refiner_switch_at", "tiling")
+                    "refiner_checkpoint", "refiner_switch_at", "tiling", "subseed", "subseed_strength")
 _RENAMED_OPTIONAL = {"hr_checkpoint_name": "hr_checkpoint", "hr_sampler_name": "hr_sampler"}
 # Keys of the infotext that `info` reports in its own fields, not in extra_generation_params.
 _CORE_INFOTEXT_KEYS = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale",
@@ -34,7 +34,8 @@ _INFOTEXT_FIELDS = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "S
                     "Sampler": "sampler_name", "Schedule type": "scheduler", "CFG scale": "cfg_scale",
                     "Seed": "seed", "Size-1": "width", "Size-2": "height", "Denoising strength": "denoising_strength",
                     "Hires upscale": "hr_scale", "Hires steps": "hr_second_pass_steps", "Hires upscaler": "hr_upscaler",
-                    "Mask blur": "mask_blur", "Masked area padding": "inpaint_full_res_padding", "Tiling": "tiling"}
+                    "Mask blur": "mask_blur", "Masked area padding": "inpaint_full_res_padding", "Tiling": "tiling",
+                    "Variation seed": "subseed", "Variation seed strength": "subseed_strength"}
 
 
 def with_infotext(payload: _Processing) -> _Processing:
@@ -71,9 +72,6 @@ def check_unsupported(payload: _Processing) -> None:
     if payload.restore_faces:
         raise ValueError("restore_faces is not supported yet (Easel has no face restoration); "
                          "send restore_faces: false")
-    if payload.subseed_strength and payload.subseed_strength > 0:
-        raise ValueError(f"subseed_strength {payload.subseed_strength}: variation seeds are not supported yet; "
-                         "send subseed_strength: 0")
     hr_scheduler = getattr(payload, "hr_scheduler", None)
     # The hires pass always runs on the first pass's schedule (pipelines/hires.py), so only a
     # value meaning that schedule is honoured.
@@ -193,9 +191,9 @@ def info_dict(payload: _Processing, request: GenerationRequest, result: Generati
         "all_negative_prompts": all_negatives,
         "seed": seed,
         "all_seeds": list(result.seeds),
-        "subseed": seed,  # no variation seeds in Easel: A1111 reports subseed = seed then too
-        "all_subseeds": list(result.seeds),
-        "subseed_strength": 0,
+        "subseed": result.subseeds[0] if result.subseeds else request.subseed,
+        "all_subseeds": list(result.subseeds),
+        "subseed_strength": request.subseed_strength,
         "width": request.width,
         "height": request.height,
         "sampler_name": request.sampler,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from pipelines import faults, hires, imageops, memory, refiner, samplers, tiling
+from pipelines import faults, hires, imageops, memory, refiner, samplers, tiling, variation
 from pipelines.adapters import attach as adapters
 from pipelines.control import apply as control
 from pipelines.hooks import NO_HOOKS, GenerationHooks, StepInfo
@@ -47,11 +47,13 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
     cancel = cancel or CancelToken()
     request = hooks.before_generate(request)
     base_seed = resolve_seed(request.seed)
+    # resolved once here like seed, so every batch and the infotext see the same variation seed
+    request = request.with_changes(subseed=resolve_seed(request.subseed))
     # styles become part of the request's prompt (A1111: before anything parses it); wildcards per image
     prompts = prompts or PromptSource()
     request, image_prompts = prompts.prepare(request, base_seed)
     encodings = EncodingCache()  # each prompt text encoded once per request, whatever the batch count
-    images, infotexts, seeds, paths = [], [], [], []
+    images, infotexts, seeds, subseeds, paths = [], [], [], [], []
     loads_before = sum(manager.load_counts.values())
     wishes = adapters.wishes_for(request, image_prompts)
     with manager.pipeline(request.task, request.checkpoint, request.vae, loras=wishes.loras) as active, \
@@ -78,19 +80,29 @@ def generate(manager: PipelineManager, outputs: OutputStore | None, request: Gen
                 active, request, batch_seeds, batch_index, progress, cancel, control_kwargs, hooks, manager,
                 batch_prompts, encodings, prompts.sdxl_clip_l_skip)
             cancel.batch_done()  # a Skip ended this batch only; the next one samples in full
-            for image, seed, image_prompt in zip(batch, batch_seeds, batch_prompts):
+            batch_subseeds = _batch_subseeds(request, batch_index)
+            for image, seed, subseed, image_prompt in zip(batch, batch_seeds, batch_subseeds, batch_prompts):
                 image = hooks.after_image(image, request)
                 params = {**params_common, "Seed": seed}
+                if request.subseed_strength > 0:  # A1111 writes both only when variation is on
+                    params |= {"Variation seed": subseed, "Variation seed strength": _number(request.subseed_strength)}
                 params = {k: params[k] for k in _ordered_keys(params)}
                 text = format_infotext(image_prompt.prompt, image_prompt.negative_prompt, params)
                 images.append(image)
                 infotexts.append(text)
                 seeds.append(seed)
+                subseeds.append(subseed)
                 if outputs is not None and request.save_images:
                     paths.append(outputs.save(image, category=_CATEGORY[request.task], seed=seed, infotext=text))
                     hooks.image_saved(paths[-1], text)
     return GenerationResult(images=images, infotexts=infotexts, seeds=seeds, paths=paths,
-                            interrupted=cancel.cancelled, warnings=warnings)
+                            interrupted=cancel.cancelled, warnings=warnings, subseeds=subseeds)
+
+
+def _batch_subseeds(request: GenerationRequest, batch_index: int) -> list[int]:
+    """Image i of the request gets subseed + i, as its seed is seed + i (A1111)."""
+    first = request.subseed + batch_index * request.batch_size
+    return [first + i for i in range(request.batch_size)]
 
 
 # --- one batch -----------------------------------------------------------------------------
@@ -138,6 +150,10 @@ def _run_batch(active: ActivePipeline, request: GenerationRequest, seeds: list[i
         **(extra or {}))
 
     if request.task == "txt2img":
+        if request.subseed_strength > 0:  # strength 0 leaves the noise to diffusers: bit for bit as before
+            common["latents"] = variation.initial_noise(
+                generators, _batch_subseeds(request, batch_index), request.subseed_strength,
+                variation.latent_shape(pipe, request.width, request.height), pipe.unet.dtype)
         if refiner.wanted(request):
             latents = refiner.run(manager, active, request, seeds, common, callback, prompts,
                                   sdxl_clip_l_skip=sdxl_clip_l_skip, encodings=encodings)
@@ -276,8 +292,8 @@ def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
 # --- infotext --------------------------------------------------------------------------------
 
 _KEY_ORDER = ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
-              "VAE hash", "VAE", "Denoising strength", "Clip skip", "RNG", "Mask blur", "Mask mode", "Inpaint area",
-              "Masked area padding", "Masked content", "Lora hashes", "TI hashes", "Version"]
+              "VAE hash", "VAE", "Variation seed", "Variation seed strength", "Denoising strength", "Clip skip",
+              "RNG", "Mask blur", "Mask mode", "Inpaint area", "Masked area padding", "Masked content", "Lora hashes", "TI hashes", "Version"]
 
 
 def _ordered_keys(params: dict) -> list[str]:

@@ -39,6 +39,8 @@ class GenerationRequest:
     width: int = 512
     height: int = 512
     seed: int = -1
+    subseed: int = -1  # A1111 variation seed; -1: random, resolved per request like seed
+    subseed_strength: float = 0.0  # 0: the plain seed's noise, bit for bit; 1: the subseed's
     batch_count: int = 1
     batch_size: int = 1
     init_image: Image.Image | None = field(default=None, compare=False, repr=False)
@@ -102,6 +104,13 @@ class GenerationRequest:
             yield f"CFG scale must be between 0 and 100, got {self.cfg_scale}"
         if self.seed != -1 and not 0 <= self.seed <= MAX_SEED:
             yield f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}"
+        if self.subseed != -1 and not 0 <= self.subseed <= MAX_SEED:
+            yield f"variation seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.subseed}"
+        if not 0.0 <= self.subseed_strength <= 1.0:
+            yield f"variation strength must be between 0 and 1, got {self.subseed_strength}"
+        elif self.subseed_strength > 0 and self.task != "txt2img":
+            # the img2img/inpaint pipelines draw their noise inside and take no start latents
+            yield "variation seeds work in txt2img only for now; set the variation strength to 0"
         if not 1 <= self.batch_count <= 100:
             yield f"batch count must be between 1 and 100, got {self.batch_count}"
         if not 1 <= self.batch_size <= 64:
@@ -172,6 +181,7 @@ class GenerationResult:
     seeds: list[int]
     paths: list[Path]
     interrupted: bool = False
+    subseeds: list[int] = field(default_factory=list)  # each image's resolved variation seed
     warnings: list[str] = field(default_factory=list)  # e.g. a LoRA whose layers only partly matched
 
     def as_json(self) -> dict[str, Any]:

@@ -31,8 +31,9 @@ def prompt_area(reg: ComponentRegistry, tab: str) -> None:
 
 
 def sampling_controls(reg: ComponentRegistry, tab: str, preset: Preset,
-                      sampler_table: samplers.SamplerTable | None = None) -> None:
-    """`sampler_table`: the app's (extensions' samplers are offered after Easel's)."""
+                      sampler_table: samplers.SamplerTable | None = None, variation_seeds: bool = False) -> None:
+    """`sampler_table`: the app's (extensions' samplers are offered after Easel's). `variation_seeds`:
+    A1111's "Extra" seed options under the seed (txt2img only: the engine mixes txt2img noise only)."""
     with gr.Row():
         reg.add(f"{tab}.sampler", gr.Dropdown(
             samplers.sampler_names(sampler_table), value=preset.sampler, label="Sampling method",
@@ -63,6 +64,14 @@ def sampling_controls(reg: ComponentRegistry, tab: str, preset: Preset,
                                          label="Seed (-1: random)", scale=4, elem_id=f"{tab}_seed"))
         reg.add(f"{tab}.dice", gr.Button("⚄", scale=0, min_width=48, elem_id=f"{tab}_random_seed"))
         reg.add(f"{tab}.recycle", gr.Button("♻", scale=0, min_width=48, elem_id=f"{tab}_reuse_seed"))
+    if variation_seeds:
+        with gr.Accordion("Extra seed options", open=False, elem_id=f"{tab}_subseed_show"):
+            with gr.Row(equal_height=True):
+                reg.add(f"{tab}.subseed", gr.Number(value=-1, precision=0, minimum=-1, maximum=MAX_SEED,
+                                                    label="Variation seed", elem_id=f"{tab}_subseed"))
+                reg.add(f"{tab}.subseed_strength", gr.Slider(
+                    0, 1, value=0, step=0.01, label="Variation strength",
+                    info="0: the seed's image; 1: the variation seed's", elem_id=f"{tab}_subseed_strength"))
 
 
 def results_panel(reg: ComponentRegistry, tab: str, send_buttons: dict[str, str]) -> None:

@@ -96,6 +96,9 @@ def generation_info(request: GenerationRequest, result: GenerationResult) -> dic
         "tiling": request.tiling,
         "seed": result.seeds[0] if result.seeds else request.seed,
         "seeds": list(result.seeds),
+        "subseed": result.subseeds[0] if result.subseeds else request.subseed,  # resolved, not -1
+        "subseeds": list(result.subseeds),
+        "subseed_strength": request.subseed_strength,
         "infotexts": list(result.infotexts),
         "paths": [str(path) for path in result.paths],
         "interrupted": result.interrupted,

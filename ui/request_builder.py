@@ -19,7 +19,8 @@ MODEL_FIELDS = ("checkpoint", "vae")
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
                 "hr_checkpoint", "hr_sampler", "hr_prompt", "hr_negative_prompt", "denoising_strength",
                 "refiner_checkpoint", "refiner_switch_at")
-TXT2IMG_FIELDS = COMMON_FIELDS + HIRES_FIELDS
+VARIATION_FIELDS = ("subseed", "subseed_strength")  # txt2img only (GenerationRequest refuses them elsewhere)
+TXT2IMG_FIELDS = COMMON_FIELDS + VARIATION_FIELDS + HIRES_FIELDS
 IMG2IMG_FIELDS = COMMON_FIELDS + (
     "mode", "init_image", "inpaint_image", "mask", "denoising_strength", "resize_mode", "mask_blur",
     "inpainting_fill", "inpaint_area", "inpaint_full_res_padding", "inpainting_mask_invert")
@@ -30,7 +31,13 @@ INPAINT_AREAS = ("Whole picture", "Only masked")
 
 def txt2img_request(values: Mapping[str, Any], additions: EngineAdditions | None = None) -> GenerationRequest:
     """`additions`: the app's extension samplers/preprocessors (`ctx.additions`)."""
-    return GenerationRequest(task="txt2img", **_common(values), **hires_values(values), additions=additions)
+    return GenerationRequest(task="txt2img", **_common(values), **_variation(values), **hires_values(values),
+                             additions=additions)
+
+
+def _variation(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {"subseed": _number(values, "subseed", int, -1),
+            "subseed_strength": _number(values, "subseed_strength", float, 0.0)}
 
 
 def hires_values(values: Mapping[str, Any]) -> dict[str, Any]:

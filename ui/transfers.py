@@ -13,9 +13,15 @@ from ui.context import AppContext
 INFOTEXT_KEYS = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "steps": "Steps",
                  "sampler": "Sampler", "schedule": "Schedule type", "cfg_scale": "CFG scale",
                  "seed": "Seed", "width": "Size-1", "height": "Size-2", "styles": "Styles array",
-                 "clip_skip": "Clip skip", "emphasis": "Emphasis", "tiling": "Tiling"}
+                 "clip_skip": "Clip skip", "emphasis": "Emphasis", "tiling": "Tiling",
+                 "subseed": "Variation seed", "subseed_strength": "Variation seed strength"}
 FORM_FIELDS = tuple(INFOTEXT_KEYS)
-_NUMBERS = {"steps": int, "seed": int, "width": int, "height": int, "cfg_scale": float, "clip_skip": int}
+# img2img has no variation seed controls (the engine mixes txt2img noise only)
+IMG2IMG_FORM_FIELDS = tuple(f for f in FORM_FIELDS if f not in ("subseed", "subseed_strength"))
+_NUMBERS = {"steps": int, "seed": int, "width": int, "height": int, "cfg_scale": float, "clip_skip": int,
+            "subseed": int, "subseed_strength": float}
+# Values written only when not the default (A1111 too): absent means the default, not "keep the form's".
+_ABSENT_MEANS = {"subseed_strength": 0.0}
 # Flags written only when on (A1111 too): an infotext without one means off, not "keep the form's".
 _FLAGS = ("tiling",)
 
@@ -28,6 +34,8 @@ def fields_from_infotext(parsed: Mapping[str, Any]) -> dict[str, Any]:
             values[field] = parsed.get(key) in (True, "True")
             continue
         if key not in parsed or parsed[key] in (None, ""):
+            if field in _ABSENT_MEANS:
+                values[field] = _ABSENT_MEANS[field]
             continue
         value = parsed[key]
         if field in _NUMBERS:
@@ -45,12 +53,15 @@ def fields_from_generation(info: Mapping[str, Any], index: int) -> dict[str, Any
     seeds = info.get("seeds") or []
     if seeds:
         values["seed"] = seeds[index] if 0 <= index < len(seeds) else seeds[0]
+    subseeds = info.get("subseeds") or []
+    if subseeds:
+        values["subseed"] = subseeds[index] if 0 <= index < len(subseeds) else subseeds[0]
     return values
 
 
 def build(ctx: AppContext, reg: ComponentRegistry) -> None:
     private = dict(api_visibility="private", queue=False)
-    img2img_fields = reg.many(*(f"img2img.{f}" for f in FORM_FIELDS))
+    img2img_fields = reg.many(*(f"img2img.{f}" for f in IMG2IMG_FORM_FIELDS))
     txt2img_fields = reg.many(*(f"txt2img.{f}" for f in FORM_FIELDS))
 
     def send_to_img2img(gallery: list | None, selected: int | None, info: Any):
@@ -63,7 +74,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
             init_image = image.convert("RGB")
         values = fields_from_generation(info, index) if isinstance(info, dict) else {}
         return ([init_image, "img2img", gr.Tabs(selected="img2img"), gr.Tabs(selected="img2img_source")]
-                + [values.get(field, gr.skip()) for field in FORM_FIELDS])
+                + [values.get(field, gr.skip()) for field in IMG2IMG_FORM_FIELDS])
 
     reg["txt2img.send_to_img2img"].click(
         send_to_img2img, inputs=reg.many("txt2img.gallery", "txt2img.selected", "txt2img.generation_info"),

@@ -24,7 +24,7 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         prompt_tools.build(ctx, reg, TAB)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                forms.sampling_controls(reg, TAB, preset, ctx.additions.samplers)
+                forms.sampling_controls(reg, TAB, preset, ctx.additions.samplers, variation_seeds=True)
                 hires_controls.build(ctx, reg, TAB)
                 extension_accordions(ctx, reg, TAB)
                 control_tab.build(ctx, reg, TAB)
@@ -45,7 +45,8 @@ def build(ctx: AppContext, reg: ComponentRegistry) -> None:
         denoising_strength; SDXL refiner: refiner_checkpoint, refiner_switch_at.
         Prompt tools: styles (names from data/styles.csv, applied in order), clip_skip (1..12), emphasis ("Original" or "No norm"),
         wildcard_mode ("random" or "combinatorial": how {a|b} and __name__ wildcards fill a batch),
-        tiling (A1111 "Tiling": a seamless image that wraps around).
+        tiling (A1111 "Tiling": a seamless image that wraps around),
+        subseed (variation seed, -1: random) and subseed_strength (0..1: how far toward its noise).
         Returns the gallery images (PNG files with A1111 infotext) and a JSON object with the
         request, the seeds, the infotexts and the saved paths.
         """

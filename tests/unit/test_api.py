@@ -253,8 +253,8 @@ def test_img2img_without_mask_is_img2img_and_echoes_images_when_asked(client, ct
     # A1111 fields Easel cannot honour: refused rather than silently ignored.
     ("txt2img", {"restore_faces": True}, "restore_faces is not supported yet (Easel has no face restoration); "
                                          "send restore_faces: false"),
-    ("txt2img", {"subseed_strength": 0.3}, "subseed_strength 0.3: variation seeds are not supported yet; "
-                                           "send subseed_strength: 0"),
+    ("img2img", {"init_images": ["IMAGE"], "subseed_strength": 0.3}, "variation seeds work in txt2img only for now"),
+    ("txt2img", {"subseed_strength": 1.5}, "variation strength must be between 0 and 1, got 1.5"),
     ("txt2img", {"enable_hr": True, "hr_scheduler": "Karras"}, "hr_scheduler 'Karras' is not supported: the hires "
                                                                "pass uses the first pass's scheduler ('Automatic')"),
     ("txt2img", {"scheduler": "karras", "hr_scheduler": "Automatic"}, "hr_scheduler 'Automatic' is not supported"),
@@ -282,6 +282,20 @@ def test_tiling_reaches_the_request(client, ctx):
     client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64,
                                            "infotext": "a\nSteps: 2, Seed: 1, Size: 64x64, Tiling: True"})
     assert ctx.jobs.submitted[-1][1].tiling is True
+
+
+def test_variation_seeds_reach_the_request(client, ctx):
+    client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64, "subseed": 42, "subseed_strength": 0.3})
+    request = ctx.jobs.submitted[-1][1]
+    assert (request.subseed, request.subseed_strength) == (42, 0.3)
+    client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64})
+    assert (ctx.jobs.submitted[-1][1].subseed, ctx.jobs.submitted[-1][1].subseed_strength) == (-1, 0)
+    # a pasted infotext's variation seed applies too; the request's own field wins (A1111 apply_infotext)
+    infotext = "a\nSteps: 2, Seed: 1, Size: 64x64, Variation seed: 7, Variation seed strength: 0.25"
+    client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64, "infotext": infotext})
+    assert (ctx.jobs.submitted[-1][1].subseed, ctx.jobs.submitted[-1][1].subseed_strength) == (7, 0.25)
+    client.post("/sdapi/v1/txt2img", json={"width": 64, "height": 64, "infotext": infotext, "subseed": 9})
+    assert ctx.jobs.submitted[-1][1].subseed == 9
 
 
 def test_webuiapi_defaults_and_equivalent_values_of_the_refused_fields_pass(client, ctx, monkeypatch):

@@ -25,7 +25,7 @@ PROMPTS_FROM_FILE_PARAMETERS = ["pff_text", "pff_file", "pff_iterate_seed"]
 PREVIEW_PARAMETERS = ["image", "module", "resolution", "pixel_perfect", "resize_mode", "threshold_a", "threshold_b",
                       "width", "height"]
 TXT2IMG_PARAMETERS = ["prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width",
-                      "height", "seed", "batch_count", "batch_size", "styles", "clip_skip", "emphasis", "wildcard_mode", "tiling", "enable_hr", "hr_scale", "hr_upscaler",
+                      "height", "seed", "batch_count", "batch_size", "styles", "clip_skip", "emphasis", "wildcard_mode", "tiling", "subseed", "subseed_strength", "enable_hr", "hr_scale", "hr_upscaler",
                       "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint", "hr_sampler", "hr_prompt",
                       "hr_negative_prompt", "denoising_strength", "refiner_checkpoint", "refiner_switch_at",
                       "checkpoint", "vae"]
@@ -255,7 +255,8 @@ def test_infotext_fields_fill_the_txt2img_form():
                       "steps": 28, "sampler": "DPM++ 2M", "schedule": "Karras", "cfg_scale": 6.5,
                       "seed": 3141592653, "width": 512, "height": 768,
                       "clip_skip": 1, "emphasis": "Original",  # A1111 defaults filled in when pasting
-                      "tiling": False}  # written only when on: absent means off
+                      "tiling": False,  # written only when on: absent means off
+                      "subseed_strength": 0.0}  # likewise: no variation seed
 
 
 def test_the_tiling_checkbox_reaches_the_request_and_comes_back_from_an_infotext(built):
@@ -272,6 +273,27 @@ def test_the_tiling_checkbox_reaches_the_request_and_comes_back_from_an_infotext
     result = GenerationResult(images=[init], infotexts=["x"], seeds=[1], paths=[])
     assert fields_from_generation(generation_info(request, result), 0)["tiling"] is True  # Send to img2img
     assert fields_from_infotext(parse_infotext(A1111_INFOTEXT + ", Tiling: True"))["tiling"] is True
+
+
+def test_the_variation_seed_controls_reach_the_request_and_come_back_from_an_infotext(built):
+    from ui.generation import generation_info
+    from ui.request_builder import txt2img_request
+    from ui.transfers import fields_from_generation, fields_from_infotext
+
+    _blocks, _ctx, components = built
+    assert components["txt2img.subseed"].value == -1 and components["txt2img.subseed_strength"].value == 0
+    assert "img2img.subseed" not in components  # the engine mixes txt2img noise only
+    request = txt2img_request({"width": 64, "height": 64, "subseed": 42, "subseed_strength": 0.25})
+    assert (request.subseed, request.subseed_strength) == (42, 0.25)
+    plain = txt2img_request({"width": 64, "height": 64})
+    assert (plain.subseed, plain.subseed_strength) == (-1, 0.0)
+    result = GenerationResult(images=[Image.new("RGB", (64, 64))] * 2, infotexts=["x", "y"], seeds=[1, 2], paths=[],
+                              subseeds=[42, 43])
+    info = generation_info(request, result)
+    assert (info["subseed"], info["subseed_strength"]) == (42, 0.25)
+    assert fields_from_generation(info, 1)["subseed"] == 43
+    pasted = fields_from_infotext(parse_infotext(A1111_INFOTEXT + ", Variation seed: 7, Variation seed strength: 0.3"))
+    assert (pasted["subseed"], pasted["subseed_strength"]) == (7, 0.3)
 
 
 def test_png_info_reads_a_saved_png(tmp_path):

@@ -58,6 +58,17 @@ def test_prompt_fields_round_trip_and_validate():
             R(**bad)
 
 
+def test_variation_seeds_round_trip_and_validate():
+    request = GenerationRequest(prompt="x", subseed=7, subseed_strength=0.4)
+    assert GenerationRequest.from_dict(request.to_dict()) == request
+    assert (GenerationRequest().subseed, GenerationRequest().subseed_strength) == (-1, 0.0)
+    for bad, message in ((dict(subseed=-2), "variation seed must be -1"), (dict(subseed_strength=1.2), "between 0 and 1"),
+                         (dict(task="img2img", init_image=Image.new("RGB", (64, 64)), subseed_strength=0.1),
+                          "txt2img only")):
+        with pytest.raises(ValueError, match=message):
+            GenerationRequest(**bad)
+
+
 def test_tiling_is_a_flag_that_round_trips():
     request = GenerationRequest(prompt="x", tiling=True)
     assert GenerationRequest.from_dict(request.to_dict()) == request and not GenerationRequest().tiling
