@@ -15,7 +15,6 @@ from PIL import Image
 
 from pipelines import loading, samplers, tiling, upscalers
 from pipelines.adapters.lora_stack import requests_of
-from pipelines.refiner import short_title
 
 SAME_CHECKPOINT = "Use same checkpoint"
 SAME_SAMPLER = "Use same sampler"
@@ -86,10 +85,10 @@ def second_pass_steps(request: Any) -> int:
     return request.hr_second_pass_steps or request.steps
 
 
-def infotext_params(request: Any, manager: Any = None) -> dict[str, Any]:
+def infotext_params(request: Any, manager: Any) -> dict[str, Any]:
     """The A1111 infotext keys a hires generation adds, in A1111's order and spelling: "Hires
-    resize" as the requested `hr_resize_x`x`hr_resize_y` (a 0 stays 0), "Hires checkpoint" as the
-    model's short title `name [shorthash]` (needs `manager`, else the name as given)."""
+    resize" as the requested `hr_resize_x`x`hr_resize_y` (a 0 stays 0), "Hires checkpoint" as
+    `name [shorthash]`."""
     params: dict[str, Any] = {"Denoising strength": _number(request.denoising_strength)}
     if request.hr_resize_x or request.hr_resize_y:
         params["Hires resize"] = f"{request.hr_resize_x}x{request.hr_resize_y}"
@@ -99,7 +98,7 @@ def infotext_params(request: Any, manager: Any = None) -> dict[str, Any]:
         params["Hires steps"] = request.hr_second_pass_steps
     params["Hires upscaler"] = request.hr_upscaler
     if not same_checkpoint(request.hr_checkpoint):
-        params["Hires checkpoint"] = short_title(manager, request.hr_checkpoint) if manager else request.hr_checkpoint
+        params["Hires checkpoint"] = manager.registry.infotext_title("checkpoint", request.hr_checkpoint)
     if not same_sampler(request.hr_sampler):
         params["Hires sampler"] = request.hr_sampler
     if request.hr_prompt and request.hr_prompt != request.prompt:
@@ -151,13 +150,10 @@ def run_second_pass(manager: Any, active: Any, request: Any, latents: torch.Tens
         total = img2img_total_steps(steps, strength)
         conditioning = _conditioning(pipe, request, prompts, len(seeds), steps, sdxl_clip_l_skip, encodings)
 
-        def on_step_end(pipe_, step, timestep, tensors):
-            return {**(callback(pipe_, step, timestep, tensors) or {}), **conditioning.callback_outputs(pipe_, step)}
-
         output = pipe(image=source, strength=strength, num_inference_steps=total, **conditioning.pipeline_kwargs(),
                       guidance_scale=request.cfg_scale,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                      output_type="latent", callback_on_step_end=on_step_end,
+                      output_type="latent", callback_on_step_end=conditioning.chained(callback),
                       callback_on_step_end_tensor_inputs=["latents", *conditioning.tensor_inputs]).images
         conditioning.finish()
         return decode(pipe.vae, output)

@@ -118,15 +118,11 @@ def run(manager: Any, active: Any, request: Any, seeds: list[int], common: dict[
                                           clip_skip=request.clip_skip, emphasis=request.emphasis,
                                           sdxl_clip_l_skip=sdxl_clip_l_skip, cache=encodings, first_step=first_step)
         conditioning.install(pipe)  # AND wraps the refiner's UNet for this pass only
-
-        def on_step_end(pipe_, step, timestep, tensors):
-            return {**(callback(pipe_, step, timestep, tensors) or {}), **conditioning.callback_outputs(pipe_, step)}
-
         try:
             return pipe(image=latents, denoising_start=switch, num_inference_steps=request.steps,
                         **conditioning.pipeline_kwargs(), guidance_scale=request.cfg_scale,
                         generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                        output_type="latent", callback_on_step_end=on_step_end,
+                        output_type="latent", callback_on_step_end=conditioning.chained(callback),
                         callback_on_step_end_tensor_inputs=["latents", *conditioning.tensor_inputs]).images
         finally:
             conditioning.finish()
@@ -142,17 +138,8 @@ def _first_refiner_step(base_pipe: Any, steps: int) -> int:
 def infotext_params(manager: Any, request: Any) -> dict[str, Any]:
     if not request.refiner_checkpoint:
         return {}
-    return {"Refiner": short_title(manager, request.refiner_checkpoint), "Refiner switch at": request.refiner_switch_at}
-
-
-def short_title(manager: Any, name: str) -> str:
-    """A checkpoint as A1111's infotext names a second model (Refiner, Hires checkpoint):
-    `name [shorthash]`; the name as given when it is not in the registry."""
-    try:
-        entry = manager.registry.find("checkpoint", name)
-        return f"{entry.name_without_extension} [{manager.registry.shorthash(entry)}]"
-    except ValueError:
-        return name
+    return {"Refiner": manager.registry.infotext_title("checkpoint", request.refiner_checkpoint),
+            "Refiner switch at": request.refiner_switch_at}
 
 
 def _move(modules, device: torch.device) -> None:

@@ -255,6 +255,15 @@ class ModelRegistry:
         known = self.cached_sha256(entry)
         return f"{entry.name} [{known[:10]}]" if known else entry.name
 
+    def infotext_title(self, kind: str, name: str) -> str:
+        """A second model as A1111's infotext names it (Refiner, Hires checkpoint):
+        `name [shorthash]`, hashing it if needed; the name as given when it is not here."""
+        try:
+            entry = self.find(kind, name)
+        except ValueError:
+            return name
+        return f"{entry.name_without_extension} [{self.shorthash(entry)}]"
+
     # --- look-up ----------------------------------------------------------------------------
 
     def find(self, kind: str, name: str) -> ModelEntry:

@@ -154,6 +154,14 @@ class PromptConditioning:
             outputs["add_text_embeds"] = join(kwargs["negative_pooled_prompt_embeds"], kwargs["pooled_prompt_embeds"])
         return outputs
 
+    def chained(self, callback):
+        """A `callback_on_step_end` that runs `callback` (progress, previews, interrupt), then
+        hands diffusers this conditioning's tensors for the next step."""
+        def on_step_end(pipe, step, timestep, tensors):
+            return {**(callback(pipe, step, timestep, tensors) or {}), **self.callback_outputs(pipe, step)}
+
+        return on_step_end
+
     def finish(self) -> None:
         """The pass this conditioning belongs to is over: later callbacks (a hires pass that
         shares the callback) must not receive its tensors."""
