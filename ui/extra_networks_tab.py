@@ -14,6 +14,7 @@ import gradio as gr
 from PIL import Image, ImageDraw
 
 from pipelines.adapters.cards import Card, CardCatalog, save_user_metadata
+from pipelines.adapters.paste import find_by_hash
 from pipelines.vae_preferences import VaePreferences
 from ui.components import ComponentRegistry
 from ui.context import AppContext
@@ -84,22 +85,12 @@ def vae_from_infotext(registry, parsed: Any) -> str | None:
             return registry.find("vae", value).name
         except ValueError:
             continue
-    return _vae_by_hashing(registry, str(parsed.get("VAE hash") or "").strip().lower())
-
-
-def _vae_by_hashing(registry, shorthash: str) -> str | None:
-    """Registry look-ups match only hashes already cached, and the cache is keyed by file name,
-    so a VAE renamed (or never used) here is missed. VAE folders hold a handful of files: hash
-    them now (cached from then on) rather than drop the pasted VAE."""
+    # a VAE renamed (or never hashed) here: cached hashes miss it, so hash the folder's files
+    shorthash = str(parsed.get("VAE hash") or "").strip().lower()
     if not re.fullmatch(r"[0-9a-f]{8,64}", shorthash):
         return None
-    for entry in registry.vaes():
-        try:
-            if registry.sha256(entry).startswith(shorthash):
-                return entry.name
-        except OSError:
-            continue  # unreadable now: not this one
-    return None
+    entry = find_by_hash(registry, "vae", shorthash)
+    return entry.name if entry is not None else None
 
 
 def active_vae_text(manager) -> str:

@@ -58,23 +58,38 @@ def _hash_list(text: Any) -> dict[str, str]:
     return pairs
 
 
+def find_by_hash(registry: ModelRegistry, kind: str, shorthash: str,
+                 hash_budget_bytes: int = HASH_BUDGET_BYTES) -> ModelEntry | None:
+    """The `kind` file whose hash starts with `shorthash`: known hashes first, then files whose
+    hash is not known yet are hashed (cached from then on), up to `hash_budget_bytes`."""
+    return _known_match(registry, kind, shorthash) or _computed_match(registry, kind, shorthash, [hash_budget_bytes])
+
+
 def _locate(registry: ModelRegistry, kind: str, name: str, shorthash: str, budget: list[int]) -> ModelEntry | None:
-    entries = registry.entries(kind)
-    known = _known_hash(registry, kind)
     try:
         named = registry.find(kind, name)
     except ModelNotFoundError:
         named = None
-    if named is not None and (known(named) or "").startswith(shorthash):
+    if named is not None and (_known_hash(registry, kind)(named) or "").startswith(shorthash):
         return named
-    for entry in entries:
-        value = known(entry)
-        if value and value.startswith(shorthash):
-            return entry
+    found = _known_match(registry, kind, shorthash)
+    if found is not None:
+        return found
     if named is not None:
         return named  # the file of that name now: a new version, or its hash was never computed
+    return _computed_match(registry, kind, shorthash, budget)
+
+
+def _known_match(registry: ModelRegistry, kind: str, shorthash: str) -> ModelEntry | None:
+    known = _known_hash(registry, kind)
+    return next((e for e in registry.entries(kind) if (known(e) or "").startswith(shorthash)), None)
+
+
+def _computed_match(registry: ModelRegistry, kind: str, shorthash: str, budget: list[int]) -> ModelEntry | None:
+    """Hash the files whose hash is not known yet, while `budget` (bytes, shared by one paste) lasts."""
+    known = _known_hash(registry, kind)
     compute = registry.addnet_hash if kind == "lora" else registry.sha256
-    for entry in entries:
+    for entry in registry.entries(kind):
         if known(entry) is None and entry.format != "diffusers" and entry.size <= budget[0]:
             budget[0] -= entry.size
             try:
